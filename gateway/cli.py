@@ -20,8 +20,10 @@ def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
         description="Write the built-in demo checkpoint: a small random Mixtral-shaped HuggingFace "
                     "checkpoint with a trained byte-level BPE tokenizer. Prints its path.",
     )
-    parser.add_argument("dir", nargs="?", type=Path, default=None,
-                        help="output directory (default: $MOE_SERVE_DEMO_DIR or ~/.cache/moe-serve/demo-model)")
+    parser.add_argument(
+        "dir", nargs="?", type=Path, default=None,
+        help="output directory (default: $MOE_SERVE_DEMO_DIR or ~/.cache/moe-serve/demo-model)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.set_defaults(handler=run_demo_model)
 

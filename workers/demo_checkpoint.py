@@ -26,8 +26,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
 import tokenizers
+import torch
 from safetensors.torch import save_file
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
@@ -107,25 +107,32 @@ def write_demo_checkpoint(out_dir: str | Path, *, seed: int = 0, progress: bool 
     tok = write_demo_tokenizer(out)
     cfg = demo_config(vocab_size=tok.get_vocab_size(with_added_tokens=True))
     _write_json(out / "config.json", cfg.to_hf_dict())
-    _write_json(out / "generation_config.json", {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id})
+    generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+    _write_json(out / "generation_config.json", generation)
     save_file(demo_weights(cfg, seed, progress), str(out / "model.safetensors"), metadata={"format": "pt"})
     # Written last: its presence says the rest is complete (see `ensure_demo_checkpoint`).
     _write_json(out / MARKER_FILE, {"format_version": DEMO_FORMAT_VERSION, "seed": seed})
     return out
 
 
-def ensure_demo_checkpoint(out_dir: str | Path | None = None, *, seed: int = 0, progress: bool = True) -> Path:
+def ensure_demo_checkpoint(
+    out_dir: str | Path | None = None, *, seed: int = 0, progress: bool = True,
+) -> Path:
     """The demo checkpoint at `out_dir` (default `default_demo_dir()`), written only if missing.
 
-    A directory that is incomplete, stale (older format) or of another seed is replaced. The new
+    A directory that is incomplete, stale (older format) or of another seed is replaced; one
+    holding anything else raises `FileExistsError` rather than being deleted. The new
     one is written to a temporary sibling and renamed into place, so a crash never leaves a half
     checkpoint and concurrent callers (several actors on one host) each see a whole one.
     """
     out = Path(out_dir).expanduser() if out_dir is not None else default_demo_dir()
     if is_demo_checkpoint(out, seed=seed):
         return out
+    if out.exists() and not _holds_only_demo_files(out):
+        raise FileExistsError(f"{out} exists and is not a demo checkpoint; not replacing it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
     try:
         write_demo_checkpoint(tmp, seed=seed, progress=progress)
         if out.exists() and not is_demo_checkpoint(out, seed=seed):
@@ -151,6 +158,11 @@ def is_demo_checkpoint(path: str | Path, *, seed: int = 0) -> bool:
     except (OSError, json.JSONDecodeError):
         return False
     return marker == {"format_version": DEMO_FORMAT_VERSION, "seed": seed}
+
+
+def _holds_only_demo_files(path: Path) -> bool:
+    """An empty directory, or a partial or stale demo checkpoint: safe to replace."""
+    return path.is_dir() and all(p.name in CHECKPOINT_FILES for p in path.iterdir())
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -107,18 +107,22 @@ def _sentence(rng: random.Random) -> str:
     if kind == 0:
         text = f"{subject} {verb} {obj} in {rng.choice(PLACES)}"
     elif kind == 1:
-        text = f"{subject} {rng.choice(ADVERBS)} {verb} {obj}, {rng.choice(CONNECTIVES)} {_noun_phrase(rng)} " \
+        adverb, connective = rng.choice(ADVERBS), rng.choice(CONNECTIVES)
+        text = f"{subject} {adverb} {verb} {obj}, {connective} {_noun_phrase(rng)} " \
                f"{rng.choice(VERBS)[1]} {_noun_phrase(rng)}"
     elif kind == 2:
         text = f"In {rng.randrange(1800, 2030)}, {subject} {verb} {_number(rng)} {rng.choice(THINGS)}s"
     elif kind == 3:
-        text = f"{subject} said: \"{rng.choice(ADJECTIVES)} {rng.choice(THINGS)}s are {rng.choice(ADJECTIVES)}\""
+        adjective, thing = rng.choice(ADJECTIVES), rng.choice(THINGS)
+        text = f"{subject} said: \"{adjective} {thing}s are {rng.choice(ADJECTIVES)}\""
     elif kind == 4:
-        text = f"{subject} ({rng.choice(ADJECTIVES)}) {verb} {obj} at {_number(rng)} - {rng.choice(UNICODE_BITS)}"
+        adjective = rng.choice(ADJECTIVES)
+        text = f"{subject} ({adjective}) {verb} {obj} at {_number(rng)} - {rng.choice(UNICODE_BITS)}"
     elif kind == 5:
         text = f"{subject}'s {rng.choice(THINGS)} {verb} {obj} {rng.choice(ADVERBS)}"
     else:
-        text = f"{subject} {verb} {obj} {rng.choice(CONNECTIVES)} {_noun_phrase(rng)} {rng.choice(VERBS)[0]} it"
+        connective = rng.choice(CONNECTIVES)
+        text = f"{subject} {verb} {obj} {connective} {_noun_phrase(rng)} {rng.choice(VERBS)[0]} it"
     return text[0].upper() + text[1:] + rng.choice(PUNCTUATION_ENDINGS)
 
 

@@ -107,7 +107,9 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+    ) -> str:
         """Prompt text for chat `messages`: the checkpoint's own Jinja template, else Mixtral-Instruct.
 
         The text starts with the BOS string when the template writes one; encode it with
@@ -116,16 +118,20 @@ class Tokenizer:
         if not messages:
             raise ChatTemplateError("messages must not be empty")
         if self._template is None:
-            return mixtral_instruct_prompt(messages, bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return mixtral_instruct_prompt(messages, bos_token=self.bos_token or "",
+                                           eos_token=self.eos_token or "")
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "",
             )
-        except jinja2.TemplateError as exc:
+        except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as exc:
+            # The template is the checkpoint's, the messages the client's: either way a bad request.
             raise ChatTemplateError(f"chat template failed: {exc}") from None
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+    ) -> list[int]:
         """Prompt ids for chat `messages` (BOS comes from the template, as with transformers)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
 
@@ -179,7 +185,9 @@ class IncrementalDetokenizer:
 
     PROMPT_CONTEXT = 5  # prompt ids kept as left context, as vLLM does
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True,
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         start = max(len(prompt_ids) - self.PROMPT_CONTEXT, 0)
@@ -244,7 +252,9 @@ def _compile_chat_template(source: str) -> Any:
 
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"],
+    )
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:

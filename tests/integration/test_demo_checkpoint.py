@@ -122,6 +122,13 @@ def test_ensure_replaces_an_incomplete_checkpoint(demo_model_dir: Path, tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]
 
 
+def test_ensure_never_replaces_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a demo checkpoint"):
+        ensure_demo_checkpoint(tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_crash_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args, **kwargs):
         raise RuntimeError("disk on fire")

@@ -39,7 +39,7 @@ def _edit_json(path: Path, **changes) -> None:
 
 def _chunks(ids: list[int], cuts: list[int]) -> list[list[int]]:
     bounds = sorted({0, len(ids), *(c % (len(ids) + 1) for c in cuts)})
-    return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _stream(tok: Tokenizer, chunks: list[list[int]], **kwargs) -> list[str]:
@@ -97,7 +97,8 @@ def test_multibyte_characters_split_over_byte_tokens(demo_tok: Tokenizer, text: 
 
 def _gpt2_byte_chars() -> dict[int, str]:
     """GPT-2's byte → printable character map (what ByteLevel tokens are spelt in)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
     mapping, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -123,10 +124,12 @@ def test_incomplete_character_is_held_back_then_flushed(demo_tok: Tokenizer) -> 
 def sentencepiece_style_tokenizer() -> Tokenizer:
     """A tiny tokenizer shaped like Mistral's: ▁ for spaces, byte fallback, Strip decoder."""
     specials = ["<unk>", "<s>", "</s>"]
-    pieces = [f"<0x{b:02X}>" for b in range(256)] + ["▁", *"abcdehlorstw", "▁a", "▁b", "he", "▁he", "lo", "llo"]
+    pieces = [f"<0x{b:02X}>" for b in range(256)]
+    pieces += ["▁", *"abcdehlorstw", "▁a", "▁b", "he", "▁he", "lo", "llo"]
     vocab = {p: i for i, p in enumerate(specials + pieces)}
     merges = [("▁", "a"), ("▁", "b"), ("h", "e"), ("▁", "he"), ("l", "o"), ("l", "lo")]
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    backend = tokenizers.Tokenizer(model)
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
@@ -176,7 +179,8 @@ def test_mixtral_instruct_format(demo_tok: Tokenizer) -> None:
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Who are you?"},
     ]
-    assert demo_tok.apply_chat_template(messages) == "<s>[INST] Be brief.\n\nHi [/INST] Hello!</s>[INST] Who are you? [/INST]"
+    expected = "<s>[INST] Be brief.\n\nHi [/INST] Hello!</s>[INST] Who are you? [/INST]"
+    assert demo_tok.apply_chat_template(messages) == expected
     assert demo_tok.apply_chat_template(messages[1:2]) == "<s>[INST] Hi [/INST]"
 
 
@@ -218,21 +222,23 @@ def test_checkpoint_chat_template_is_used(tok_dir: Path) -> None:
     tok = Tokenizer.from_dir(tok_dir)
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     assert tok.apply_chat_template(messages) == "<|system|>S</s>\n<|user|>U</s>\n<|assistant|>"
-    assert tok.apply_chat_template(messages, add_generation_prompt=False) == "<|system|>S</s>\n<|user|>U</s>\n"
+    without_prompt = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert without_prompt == "<|system|>S</s>\n<|user|>U</s>\n"
     with pytest.raises(ChatTemplateError, match="no tools here"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
 def test_chat_template_file_and_named_templates(tok_dir: Path) -> None:
-    _edit_json(tok_dir / "tokenizer_config.json",
-               chat_template=[{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ bos_token }}"}])
+    templates = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D{{ bos_token }}"}]
+    _edit_json(tok_dir / "tokenizer_config.json", chat_template=templates)
     assert Tokenizer.from_dir(tok_dir).apply_chat_template([{"role": "user", "content": "x"}]) == "D<s>"
     (tok_dir / "chat_template.jinja").write_text("J{{ messages | length }}")
     assert Tokenizer.from_dir(tok_dir).apply_chat_template([{"role": "user", "content": "x"}]) == "J1"
 
 
 def test_chat_template_is_sandboxed(tok_dir: Path) -> None:
-    _edit_json(tok_dir / "tokenizer_config.json", chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    _edit_json(tok_dir / "tokenizer_config.json", chat_template=escape)
     with pytest.raises(Exception, match="unsafe|access"):
         Tokenizer.from_dir(tok_dir).apply_chat_template([{"role": "user", "content": "x"}])
 

@@ -1,0 +1,47 @@
+# Set-up and everyday commands. Every target installs the virtual environment first if needed.
+
+VENV ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PY := $(VENV)/bin/python
+DEMO_DIR ?= .demo-model
+
+.PHONY: install serve test test-slow bench lint demo-model clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned: `pip install torch==2.13.0` takes the CPU build this machine keeps on
+# disk, and then nothing else can pull the newest torch with gigabytes of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test,bench]'
+	touch $@
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/moe-serve serve
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -m slow -q
+
+# Each tests/bench/bench_*.py is a script that prints its own ratios; run as modules so the
+# repository root is importable.
+bench: $(VENV)/.installed
+	@set -e; for f in tests/bench/bench_*.py; do \
+		[ -e "$$f" ] || continue; \
+		echo "== $$f"; \
+		$(PY) -m tests.bench.$$(basename $$f .py); \
+	done
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+demo-model: $(VENV)/.installed
+	$(VENV)/bin/moe-serve demo-model $(DEMO_DIR)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis $(DEMO_DIR)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

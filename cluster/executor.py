@@ -1,0 +1,32 @@
+"""How the engine runs a step: one ScheduledBatch per attention worker in, one StepOutput each out.
+
+`LocalExecutor` runs the single-process model in a thread so the engine's event loop stays
+free to accept and stream requests while a step computes. The Ray executor (the worker
+group) implements the same two members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from workers.batch_spec import ScheduledBatch
+from workers.model_runner import ModelRunner
+from workers.step_output import StepOutput
+
+
+class Executor(Protocol):
+    num_attention_workers: int
+
+    async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]: ...
+
+
+class LocalExecutor:
+    num_attention_workers = 1
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
+        (batch,) = batches
+        return (await asyncio.to_thread(self.runner.execute, batch),)

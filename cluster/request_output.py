@@ -1,0 +1,31 @@
+"""What the engine streams to a waiting request (DESIGN.md §1 step 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    token_ids: tuple[int, ...]  # new tokens since the previous output
+    text: str  # new text since the previous output (empty without a tokenizer)
+    logprobs: tuple[float | None, ...]
+    num_prompt_tokens: int
+    num_output_tokens: int  # all output tokens so far
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+    num_preemptions: int  # since start
+    num_steps: int
+    last_step_tokens: int
+    last_step_seconds: float
+    num_generated_tokens: int  # since start

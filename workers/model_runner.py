@@ -1,0 +1,49 @@
+"""Runs one scheduled step on a model: build attention metadata, forward, sample.
+
+The same runner serves the single-process engine and each attention worker actor; a
+worker with nothing scheduled still calls `execute` with an empty batch, because its
+MoE layers must join every all-to-all of the step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.attention_metadata import AttentionMetadata, SeqExtent
+from workers.batch_spec import ScheduledBatch
+from workers.kv_cache import KVCache
+from workers.mixtral import MixtralModel
+from workers.sampler import SampleKey, sample
+from workers.step_output import StepOutput
+
+
+class ModelRunner:
+    def __init__(self, model: MixtralModel, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+
+    @property
+    def block_size(self) -> int:
+        return self.kv_cache.block_size
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepOutput:
+        seqs = batch.seqs
+        extents = [SeqExtent(s.start_pos, len(s.token_ids), s.block_table) for s in seqs]
+        meta = AttentionMetadata.build(extents, self.block_size)
+        ids_T = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long,
+                             device=self.model.weights.embed_VH.device)
+        hidden_TH = self.model.forward(ids_T, meta, self.kv_cache)
+        wanted = [i for i, s in enumerate(seqs) if s.needs_sample]
+        if not wanted:
+            return StepOutput.empty()
+        rows = [meta.last_token_indices[i] for i in wanted]
+        logits_SV = self.model.logits(hidden_TH[rows])
+        picked = [seqs[i] for i in wanted]
+        keys = [SampleKey(seed=s.sampling.seed, seq_id=s.seq_id, step=s.output_len) for s in picked]
+        out = sample(logits_SV, [s.sampling for s in picked], keys)
+        return StepOutput(
+            seq_ids=tuple(s.seq_id for s in picked),
+            token_ids=tuple(out.token_ids),
+            logprobs=tuple(out.logprobs),
+        )
