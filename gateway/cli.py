@@ -18,7 +18,8 @@ def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo-model", help="write the built-in demo checkpoint (small random Mixtral) to a directory",
         description="Write the built-in demo checkpoint: a small random Mixtral-shaped HuggingFace "
-                    "checkpoint with a trained byte-level BPE tokenizer. Prints its path.",
+                    "checkpoint with a trained byte-level BPE tokenizer. Prints its path. An up-to-date "
+                    "one is kept; a directory holding anything else is refused.",
     )
     parser.add_argument(
         "dir", nargs="?", type=Path, default=None,
@@ -29,9 +30,13 @@ def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_model(args: argparse.Namespace) -> int:
-    from workers.demo_checkpoint import default_demo_dir, write_demo_checkpoint
+    from workers.demo_checkpoint import ensure_demo_checkpoint
 
-    out = write_demo_checkpoint(args.dir if args.dir is not None else default_demo_dir(), seed=args.seed)
+    try:
+        out = ensure_demo_checkpoint(args.dir, seed=args.seed)
+    except FileExistsError as exc:
+        print(f"moe-serve demo-model: {exc}", file=sys.stderr)
+        return 1
     print(out.resolve())
     return 0
 

@@ -139,9 +139,12 @@ def test_crash_while_writing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_help_lists_demo_model() -> None:
-    from gateway.cli import build_parser
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import build_parser, main
 
     assert "demo-model" in build_parser().format_help()
     with pytest.raises(SystemExit):
-        build_parser().parse_args([])
+        main([])
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo-model", str(tmp_path)]) == 1
+    assert "not a demo checkpoint" in capsys.readouterr().err

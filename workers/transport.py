@@ -1,0 +1,207 @@
+"""Transports: how dispatch and combine move rows between the ranks of one model group.
+
+One code path, `torch.distributed.all_to_all_single` with explicit split sizes (DESIGN.md
+§3): gloo supports uneven and zero splits there, while the list form `all_to_all` fails on
+uneven sizes. Ray itself has no all-to-all.
+
+Rendezvous: rank 0 picks its own routable address (`pick_rendezvous_address`) and a free
+port (`pick_free_port`) and publishes them (through Ray, outside this module); every rank
+then calls `init_process_group` with them. Each actor is its own process, so each one's
+default process group is the model group's.
+
+`LocalTransport` is the world-size-1 loopback used by single-process tests.
+
+Shapes: N rows sent, M rows received, H hidden (any trailing shape works), W world, C columns.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+Counts = Sequence[int]  # one per rank
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective call, or the sum of several: what went in and out and how long it took."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: Transfer) -> Transfer:
+        return Transfer(self.bytes_sent + other.bytes_sent, self.bytes_received + other.bytes_received,
+                        self.seconds + other.seconds)
+
+
+class Transport(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    last_transfer: Transfer  # the most recent call
+    total_transfer: Transfer  # every call since construction
+
+    def exchange_counts(self, counts_WC: torch.Tensor) -> torch.Tensor: ...
+
+    def all_to_all(self, x_NH: torch.Tensor, send_counts: Counts) -> tuple[torch.Tensor, tuple[int, ...]]: ...
+
+    def all_to_all_with_counts(self, x_NH: torch.Tensor, send_counts: Counts,
+                               recv_counts: Counts) -> torch.Tensor: ...
+
+    def destroy(self) -> None: ...
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def pick_rendezvous_address() -> str:
+    """This node's address as other nodes reach it (never a loopback constant).
+
+    Inside a Ray worker it is the address Ray itself uses for this node; without Ray it is
+    the source address the kernel would route outward with (a UDP `connect` sends nothing),
+    falling back to what the host name resolves to.
+    """
+    ray = sys.modules.get("ray")  # not imported → not initialised; importing it costs a second
+    if ray is not None and ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 80))
+            return s.getsockname()[0]
+        except OSError:
+            pass  # no route outward: a host without a network; the host name is all there is
+    return socket.gethostbyname(socket.gethostname())
+
+
+def pick_free_port() -> int:
+    """A port free on every interface now (another process could still take it: retry on failure)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_method(master_addr: str, master_port: int) -> str:
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr  # IPv6 needs brackets
+    return f"tcp://{host}:{master_port}"
+
+
+class ProcessGroupTransport:
+    """all_to_all over this process's torch.distributed default group."""
+
+    def __init__(self, rank: int, world_size: int, backend: str) -> None:
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                       else torch.device("cpu"))
+        self.group = dist.group.WORLD
+        self.last_transfer = Transfer()
+        self.total_transfer = Transfer()
+
+    def exchange_counts(self, counts_WC: torch.Tensor) -> torch.Tensor:
+        """Row r of `counts_WC` goes to rank r; row s of the result came from rank s (int64)."""
+        if counts_WC.shape[0] != self.world_size:
+            raise ValueError(f"counts have {counts_WC.shape[0]} rows, world size is {self.world_size}")
+        send_WC = counts_WC.to(self.device, torch.int64).contiguous()
+        recv_WC = torch.empty_like(send_WC)
+        start = time.perf_counter()
+        dist.all_to_all_single(recv_WC, send_WC, group=self.group)
+        self._record(send_WC.nbytes, recv_WC.nbytes, start)
+        return recv_WC
+
+    def all_to_all(self, x_NH: torch.Tensor, send_counts: Counts) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Rows [sum(send[:r]), sum(send[:r+1])) go to rank r; returns the rows received and their counts."""
+        counts = torch.tensor(send_counts, dtype=torch.int64).view(self.world_size, 1)
+        counts_from = self.exchange_counts(counts)
+        first = self.last_transfer
+        recv_counts = tuple(counts_from.view(-1).tolist())
+        y_MH = self.all_to_all_with_counts(x_NH, send_counts, recv_counts)
+        self.last_transfer = first + self.last_transfer
+        return y_MH, recv_counts
+
+    def all_to_all_with_counts(self, x_NH: torch.Tensor, send_counts: Counts,
+                               recv_counts: Counts) -> torch.Tensor:
+        """As `all_to_all` when the receive counts are already known (combine knows them from dispatch)."""
+        if len(send_counts) != self.world_size or len(recv_counts) != self.world_size:
+            raise ValueError(f"need {self.world_size} send and receive counts, "
+                             f"got {send_counts}, {recv_counts}")
+        if sum(send_counts) != x_NH.shape[0]:
+            raise ValueError(f"send counts {send_counts} do not add up to the {x_NH.shape[0]} rows given")
+        x_NH = x_NH.contiguous()
+        y_MH = x_NH.new_empty((sum(recv_counts), *x_NH.shape[1:]))
+        start = time.perf_counter()
+        dist.all_to_all_single(y_MH, x_NH, output_split_sizes=list(recv_counts),
+                               input_split_sizes=list(send_counts), group=self.group)
+        self._record(x_NH.nbytes, y_MH.nbytes, start)
+        return y_MH
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _record(self, bytes_sent: int, bytes_received: int, start: float) -> None:
+        # On GPUs this times the launch plus any synchronisation the caller forces; the
+        # counts exchange is always followed by a .tolist(), which synchronises.
+        self.last_transfer = Transfer(bytes_sent, bytes_received, time.perf_counter() - start)
+        self.total_transfer = self.total_transfer + self.last_transfer
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
+                       backend: str | None = None,
+                       timeout: timedelta = timedelta(seconds=60)) -> ProcessGroupTransport:
+    """Join the model group's process group; every rank calls this with rank 0's address and port.
+
+    `timeout` bounds the rendezvous and every later collective, so a dead peer surfaces as
+    an error instead of a hang.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if dist.is_initialized():
+        raise RuntimeError("this process already has a process group; destroy() the old transport first")
+    backend = backend or default_backend()
+    dist.init_process_group(backend, init_method=init_method(master_addr, master_port), rank=rank,
+                            world_size=world_size, timeout=timeout)
+    return ProcessGroupTransport(rank, world_size, backend)
+
+
+class LocalTransport:
+    """World size 1: every row comes straight back (a copy, as a real collective would give)."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.rank, self.world_size = 0, 1
+        self.device = torch.device(device)
+        self.last_transfer = Transfer()
+        self.total_transfer = Transfer()
+
+    def exchange_counts(self, counts_WC: torch.Tensor) -> torch.Tensor:
+        if counts_WC.shape[0] != 1:
+            raise ValueError(f"counts have {counts_WC.shape[0]} rows, world size is 1")
+        return self._loop(counts_WC.to(self.device, torch.int64))
+
+    def all_to_all(self, x_NH: torch.Tensor, send_counts: Counts) -> tuple[torch.Tensor, tuple[int, ...]]:
+        return self.all_to_all_with_counts(x_NH, send_counts, send_counts), tuple(send_counts)
+
+    def all_to_all_with_counts(self, x_NH: torch.Tensor, send_counts: Counts,
+                               recv_counts: Counts) -> torch.Tensor:
+        if list(send_counts) != [x_NH.shape[0]] or list(recv_counts) != [x_NH.shape[0]]:
+            raise ValueError(f"world size 1 sends and receives all {x_NH.shape[0]} rows, "
+                             f"got {send_counts}, {recv_counts}")
+        return self._loop(x_NH)
+
+    def destroy(self) -> None:
+        pass
+
+    def _loop(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        y = x.clone()
+        self.last_transfer = Transfer(x.nbytes, y.nbytes, time.perf_counter() - start)
+        self.total_transfer = self.total_transfer + self.last_transfer
+        return y
