@@ -1,0 +1,55 @@
+"""Build the engine over a Ray worker group: the same Engine, a different executor."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.engine import Engine
+from cluster.engine_config import EngineConfig
+from cluster.placement import place_experts
+from cluster.topology import TopologyConfig
+from cluster.worker_group import GroupPlacement, RayWorkerGroup
+from workers.config import ModelConfig
+from workers.group_spec import GroupSpec
+from workers.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ExpertParallelConfig:
+    expert_replicas: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) → copies
+    capacity_factor: float | None = None  # None: dropless (exact)
+    dtype: str = "float32"
+    num_threads: int = 1
+    collective_timeout_s: float = 120.0
+
+
+def build_group_spec(model_dir: str | Path, engine_cfg: EngineConfig, topology: TopologyConfig,
+                     ep: ExpertParallelConfig) -> GroupSpec:
+    cfg = ModelConfig.from_dir(model_dir)
+    placement = place_experts(cfg.num_hidden_layers, cfg.num_local_experts, topology.num_expert_workers,
+                              replicas=dict(ep.expert_replicas) or None)
+    return GroupSpec(
+        model_dir=str(Path(model_dir).resolve()), dtype=ep.dtype,
+        expert_map=placement.to_expert_map(topology.num_attention_workers),
+        num_attention_workers=topology.num_attention_workers, num_kv_blocks=engine_cfg.num_kv_blocks,
+        block_size=engine_cfg.block_size, capacity_factor=ep.capacity_factor, num_threads=ep.num_threads,
+        collective_timeout_s=ep.collective_timeout_s,
+    )
+
+
+def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, topology: TopologyConfig,
+                             ep: ExpertParallelConfig | None = None,
+                             placement: GroupPlacement | None = None) -> tuple[Engine, RayWorkerGroup]:
+    ep = ep or ExpertParallelConfig()
+    if engine_cfg.num_attention_workers != topology.num_attention_workers:
+        raise ValueError("engine config and topology disagree on the number of attention workers")
+    spec = build_group_spec(model_dir, engine_cfg, topology, ep)
+    group = RayWorkerGroup(spec, topology, placement)
+    cfg = ModelConfig.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+    eos = tokenizer.eos_token_ids if tokenizer else ((cfg.eos_token_id,) if cfg.eos_token_id is not None else ())
+    engine = Engine(group, engine_cfg, max_model_len=cfg.max_position_embeddings, eos_token_ids=eos,
+                    tokenizer=tokenizer)
+    return engine, group

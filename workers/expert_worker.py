@@ -1,0 +1,58 @@
+"""ExpertWorker: only its experts' weights. Per step and layer: dispatch (receive) →
+experts → combine (send back). It holds no request state, so a restart loses nothing.
+
+A plain class: cluster/worker_group.py makes it a Ray actor.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from workers.a2a_dispatcher import AllToAllDispatcher
+from workers.checkpoint import Checkpoint
+from workers.dtypes import parse_dtype
+from workers.group_member import GroupMember
+from workers.group_spec import GroupSpec
+from workers.model_weights import experts_by_layer
+from workers.router import empty_routing
+
+
+class ExpertWorker(GroupMember):
+    def __init__(self, spec: GroupSpec, rank: int) -> None:
+        if rank < spec.num_attention_workers:
+            raise ValueError(f"rank {rank} is an attention rank")
+        super().__init__(spec, rank)
+        ckpt = Checkpoint.open(spec.model_dir)
+        self.config = ckpt.config
+        self.dtype = parse_dtype(spec.dtype, auto=self.config.torch_dtype)
+        emap = spec.expert_map
+        pairs = [(layer, e) for layer in range(emap.num_layers) for e in emap.local_experts(layer, rank)]
+        self.pairs = tuple(pairs)
+        self.experts = experts_by_layer(ckpt.load_expert_weights(pairs, self.dtype, progress=False))
+        self.dispatcher: AllToAllDispatcher | None = None
+        self.busy_seconds = 0.0
+
+    def on_joined(self) -> None:
+        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, self.experts,
+                                             self.spec.capacity_factor)
+
+    @torch.inference_mode()
+    def execute(self) -> int:
+        """Serve one model step: every MoE layer, in order. Returns rows processed."""
+        cfg, d = self.config, self.dispatcher
+        x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype)
+        routing = empty_routing(cfg.num_experts_per_tok)
+        rows = 0
+        for layer in range(cfg.num_hidden_layers):
+            x_MH, plan = d.dispatch(layer, x_TH, routing)
+            t0 = time.perf_counter()
+            y_MH = d.experts(layer, x_MH, plan)
+            self.busy_seconds += time.perf_counter() - t0
+            d.combine(layer, y_MH, plan)
+            rows += x_MH.shape[0]
+        return rows
+
+    def dispatch_stats(self):
+        return self.dispatcher.stats.snapshot_and_reset()
