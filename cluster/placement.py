@@ -8,10 +8,10 @@ Three rules, all deterministic (the same inputs give the same placement on every
   expert weights.
 - Load known and/or replicas asked for: greedy longest-processing-time packing, as in
   DeepSeek's EPLB. Every copy carries load / number-of-copies (dispatch splits a replicated
-  expert's tokens evenly); copies go heaviest first to the least-loaded worker that does
-  not already hold that expert and still has room (at most ceil(copies / workers) copies
-  per worker and layer, so memory stays balanced). Ties go to the worker with fewer copies,
-  then the lower index.
+  expert's tokens evenly); experts go heaviest copy first, their copies to the least-loaded
+  workers that still have room: at most ceil(copies / workers) copies per worker and
+  layer, always, so memory stays balanced. Ties go to the worker with more room, then
+  fewer copies over earlier layers, then the lower index.
 - Replicas of one expert always sit on distinct workers, so an expert cannot have more
   copies than there are workers.
 
@@ -24,6 +24,7 @@ process-group ranks, after the attention ranks.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -152,24 +153,47 @@ def _contiguous_layer(layer: int, num_experts: int, num_workers: int) -> tuple[t
 
 def _greedy_layer(weights: list[float], copies: list[int], num_workers: int,
                   copies_held: list[int]) -> tuple[tuple[int, ...], ...]:
-    """EPLB-style packing of one layer; `copies_held` (over earlier layers) is updated in place."""
+    """EPLB-style packing of one layer; `copies_held` (over earlier layers) is updated in place.
+
+    An expert's copies are placed together, on the least-loaded workers with room. When
+    that choice would leave the experts still to come no way to fit (too few workers with
+    room for an expert's distinct copies), the copies go to the workers with the most room
+    instead, which always leaves a way (the exchange argument behind Gale–Ryser).
+    """
     max_per_worker = math.ceil(sum(copies) / num_workers)
-    items = sorted(((weights[e] / copies[e], e) for e in range(len(weights)) for _ in range(copies[e])),
-                   key=lambda it: (-it[0], it[1]))
+    room = [max_per_worker] * num_workers
     worker_load = [0.0] * num_workers
-    worker_copies = [0] * num_workers
-    holders: list[list[int]] = [[] for _ in weights]
-    for w_item, e in items:
-        free = [w for w in range(num_workers) if w not in holders[e]]
-        roomy = [w for w in free if worker_copies[w] < max_per_worker]
-        # `roomy` can only be empty when the free slots left all sit on workers that already
-        # hold e; distinct copies matter more than one extra copy on a worker.
-        best = min(roomy or free, key=lambda w: (worker_load[w], worker_copies[w], copies_held[w], w))
-        holders[e].append(best)
-        worker_load[best] += w_item
-        worker_copies[best] += 1
-        copies_held[best] += 1
-    return tuple(tuple(sorted(h)) for h in holders)
+    holders: list[tuple[int, ...]] = [() for _ in weights]
+    order = sorted(range(len(weights)), key=lambda e: (-weights[e] / copies[e], e))
+    for i, e in enumerate(order):
+        roomy = [w for w in range(num_workers) if room[w]]
+        chosen = sorted(roomy, key=lambda w: (worker_load[w], -room[w], copies_held[w], w))[:copies[e]]
+        rest = [copies[later] for later in order[i + 1:]]
+        if not _fits(rest, [room[w] - (w in chosen) for w in range(num_workers)]):
+            chosen = sorted(roomy, key=lambda w: (-room[w], worker_load[w], copies_held[w], w))[:copies[e]]
+        for w in chosen:
+            worker_load[w] += weights[e] / copies[e]
+            room[w] -= 1
+            copies_held[w] += 1
+        holders[e] = tuple(sorted(chosen))
+    return tuple(holders)
+
+
+def _fits(rows: list[int], rooms: list[int]) -> bool:
+    """Can experts needing `rows` copies each (on distinct workers) fit in workers with `rooms` free?
+
+    Gale–Ryser: yes iff for every k the k largest rows need at most sum(min(room, k)).
+    For k beyond the largest room the right side is the total room, so a total check covers it.
+    """
+    if sum(rows) > sum(rooms):
+        return False
+    top = heapq.nlargest(min(len(rows), max(rooms, default=0)), rows)
+    need = 0
+    for k, r in enumerate(top, start=1):
+        need += r
+        if need > sum(min(c, k) for c in rooms):
+            return False
+    return True
 
 
 def _check_sizes(num_layers: int, num_experts: int, num_expert_workers: int) -> None:

@@ -121,6 +121,8 @@ def _layer_table(expert_map: ExpertMap, layer: int, device: torch.device) -> _La
 
 
 class AllToAllDispatcher:
+    """This rank's side of every layer's dispatch and combine; holds only this rank's experts."""
+
     def __init__(self, rank: int, expert_map: ExpertMap, transport: Transport,
                  experts_by_layer: Mapping[int, LayerExperts], capacity_factor: float | None = None) -> None:
         if transport.rank != rank or transport.world_size != expert_map.world_size:

@@ -16,10 +16,14 @@ Shapes: N rows sent, M rows received, H hidden (any trailing shape works), W wor
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import os
 import socket
+import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -88,6 +92,79 @@ def pick_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def local_address_towards(peer: str, port: int = 9) -> str:
+    """This host's source address for traffic to `peer` (a UDP `connect` sends nothing)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(peer, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)
+        return s.getsockname()[0]
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the network interface holding `address` (Linux); None where not found.
+
+    IPv4: each interface's primary address (SIOCGIFADDR); IPv6: /proc/net/if_inet6.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if ip.version == 6:
+        try:
+            with open("/proc/net/if_inet6") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) == 6 and ipaddress.ip_address(bytes.fromhex(fields[0])) == ip:
+                        return fields[5]
+        except OSError:
+            pass
+        return None
+    try:
+        import fcntl
+
+        names = [name for _, name in socket.if_nameindex()]
+    except (ImportError, OSError):
+        return None
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for name in names:
+            try:
+                ifreq = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this one
+            if socket.inet_ntoa(ifreq[20:24]) == str(ip):
+                return name
+    return None
+
+
+@contextlib.contextmanager
+def gloo_bound_towards(master_addr: str) -> Iterator[None]:
+    """Make gloo listen on the interface this host reaches the rendezvous through.
+
+    Left alone, gloo binds every rank to whatever this machine's host name resolves to, and
+    /etc/hosts commonly maps it to loopback (127.0.1.1 on Debian, 127.0.0.1 in containers):
+    each rank then advertises a loopback address to the others, the TCP-store rendezvous
+    still succeeds and `connectFullMesh` fails ("Connection refused, remote=[127.0.0.1]")
+    as soon as the group spans two machines. GLOO_SOCKET_IFNAME, where set, wins; so does
+    the old behaviour where the interface cannot be found.
+    """
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        yield
+        return
+    try:
+        iface = interface_of(local_address_towards(master_addr))
+    except OSError:
+        iface = None
+    if iface is None:
+        yield
+        return
+    os.environ["GLOO_SOCKET_IFNAME"] = iface  # read once, when the process group is built
+    try:
+        yield
+    finally:
+        os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
 def init_method(master_addr: str, master_port: int) -> str:
@@ -167,8 +244,9 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     if dist.is_initialized():
         raise RuntimeError("this process already has a process group; destroy() the old transport first")
     backend = backend or default_backend()
-    dist.init_process_group(backend, init_method=init_method(master_addr, master_port), rank=rank,
-                            world_size=world_size, timeout=timeout)
+    with gloo_bound_towards(master_addr) if backend == "gloo" else contextlib.nullcontext():
+        dist.init_process_group(backend, init_method=init_method(master_addr, master_port), rank=rank,
+                                world_size=world_size, timeout=timeout)
     return ProcessGroupTransport(rank, world_size, backend)
 
 

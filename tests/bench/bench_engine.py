@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -144,8 +145,8 @@ def run_hf_padded(model, prompts: list[list[int]], output_len: int) -> Run:
     return Run(time.perf_counter() - t0, outputs)
 
 
-def systems(engine: Engine, hf_model, prompts: list[list[int]], wl: Workload,
-            ) -> dict[str, Callable[[str], Awaitable[Run]]]:
+def systems(engine: Engine, hf_model, prompts: list[list[int]],
+            wl: Workload) -> dict[str, Callable[[str], Awaitable[Run]]]:
     """Each system as `await run(tag)`; tags keep request ids unique across repetitions."""
     sequential, batch = prompts[: wl.num_sequential], prompts[: wl.num_requests]
 
@@ -203,7 +204,7 @@ async def bench_model(name: str, model_dir: Path, wl: Workload) -> ModelResult:
     finally:
         await engine.shutdown()
     reference = last[HF_PADDED].outputs
-    num_agree = sum(a == b for a, b in zip(last["ours c=16"].outputs, reference))
+    num_agree = sum(a == b for a, b in zip(last["ours c=16"].outputs, reference, strict=True))
     num_requests = {s: len(r.outputs) for s, r in last.items()}
     del hf_model, engine
     gc.collect()
@@ -224,7 +225,8 @@ def report(results: list[ModelResult], wl: Workload) -> None:
     print_table(("model", "system", "requests", "tokens/s", "min–max", "vs HF 1-by-1", "vs HF padded"), rows)
     print()
     for r in results:
-        print(f"{r.name}: greedy outputs of ours c=16 equal HF padded for {r.num_agree}/{wl.num_requests} requests")
+        print(f"{r.name}: greedy outputs of ours c=16 equal HF padded's for "
+              f"{r.num_agree}/{wl.num_requests} requests (a sanity check that both did the same work)")
     print()
     rows = []
     for r in results:
@@ -241,7 +243,7 @@ def plot(results: list[ModelResult], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, r in zip(axes[0], results):
+    for ax, r in zip(axes[0], results, strict=True):
         names = list(r.samples)
         ax.bar(names, [r.tokens_per_s(n) for n in names],
                color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
@@ -281,6 +283,8 @@ def main() -> None:
     print(f"engine throughput: {wl.prompt_len} prompt + {wl.output_len} output tokens per request (greedy, "
           f"no early stop), {wl.num_requests} requests for batched systems, {wl.num_sequential} for "
           f"sequential ones, {wl.repeats} repetition(s), fp32, {args.threads} threads, {EngineConfig()}")
+    # This box may be shared: a busy neighbour stalls the second thread, so say how busy it was.
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
     results = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
@@ -288,7 +292,8 @@ def main() -> None:
             model_dir = CHECKPOINTS[name](Path(tmp) / name)
             results.append(asyncio.run(bench_model(name, model_dir, wl)))
     report(results, wl)
-    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s; load average at end: "
+          f"{os.getloadavg()[0]:.2f}")
     if args.plot:
         plot(results, args.plot)
 

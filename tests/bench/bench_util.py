@@ -32,7 +32,8 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        first, *rest = zip(row, widths, strict=True)
+        return "  ".join([first[0].ljust(first[1])] + [c.rjust(w) for c, w in rest])
 
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))

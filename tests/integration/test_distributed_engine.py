@@ -21,7 +21,7 @@ VOCAB = 101
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     yield
     ray.shutdown()
