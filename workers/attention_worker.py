@@ -6,6 +6,8 @@ A plain class: cluster/worker_group.py makes it a Ray actor.
 
 from __future__ import annotations
 
+import time
+
 from workers.a2a_dispatcher import AllToAllDispatcher
 from workers.batch_spec import ScheduledBatch
 from workers.checkpoint import Checkpoint
@@ -17,6 +19,7 @@ from workers.mixtral import MixtralModel
 from workers.model_runner import ModelRunner
 from workers.model_weights import AttentionSideWeights
 from workers.step_output import StepOutput
+from workers.worker_stats import WorkerStats
 
 
 class AttentionWorker(GroupMember):
@@ -32,6 +35,8 @@ class AttentionWorker(GroupMember):
         self.kv_cache = KVCache(self.config, spec.num_kv_blocks, spec.block_size, dtype=self.dtype)
         self.runner: ModelRunner | None = None
         self.dispatcher: AllToAllDispatcher | None = None
+        self.busy_seconds = 0.0
+        self.num_steps = 0
 
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, {},
@@ -39,7 +44,13 @@ class AttentionWorker(GroupMember):
         self.runner = ModelRunner(MixtralModel(self.config, self.weights, self.dispatcher), self.kv_cache)
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
-        return self.runner.execute(batch)
+        t0 = time.perf_counter()
+        out = self.runner.execute(batch)
+        self.busy_seconds += time.perf_counter() - t0
+        self.num_steps += 1
+        return out
 
-    def dispatch_stats(self):
-        return self.dispatcher.stats.snapshot_and_reset()
+    def dispatch_stats(self) -> WorkerStats:
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        steps, self.num_steps = self.num_steps, 0
+        return WorkerStats(self.rank, "attention", self.dispatcher.stats.snapshot_and_reset(), busy, steps)

@@ -17,6 +17,7 @@ from workers.group_member import GroupMember
 from workers.group_spec import GroupSpec
 from workers.model_weights import experts_by_layer
 from workers.router import empty_routing
+from workers.worker_stats import WorkerStats
 
 
 class ExpertWorker(GroupMember):
@@ -33,6 +34,7 @@ class ExpertWorker(GroupMember):
         self.experts = experts_by_layer(ckpt.load_expert_weights(pairs, self.dtype, progress=False))
         self.dispatcher: AllToAllDispatcher | None = None
         self.busy_seconds = 0.0
+        self.num_steps = 0
 
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, self.experts,
@@ -52,7 +54,10 @@ class ExpertWorker(GroupMember):
             self.busy_seconds += time.perf_counter() - t0
             d.combine(layer, y_MH, plan)
             rows += x_MH.shape[0]
+        self.num_steps += 1
         return rows
 
-    def dispatch_stats(self):
-        return self.dispatcher.stats.snapshot_and_reset()
+    def dispatch_stats(self) -> WorkerStats:
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        steps, self.num_steps = self.num_steps, 0
+        return WorkerStats(self.rank, "expert", self.dispatcher.stats.snapshot_and_reset(), busy, steps)

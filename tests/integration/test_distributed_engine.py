@@ -79,6 +79,12 @@ def test_distributed_equals_single_process(ray_local, model_dir, reference, case
             torch.testing.assert_close(torch.tensor(have["logprobs"]), torch.tensor(want["logprobs"]),
                                        rtol=0, atol=1e-4)
         stats = group.dispatch_stats()
-        assert len(stats) == num_attn + num_exp
+        assert [s.rank for s in stats] == list(range(num_attn + num_exp))
+        experts = [s for s in stats if s.kind == "expert"]
+        assert all(s.busy_seconds > 0 and s.num_steps > 0 for s in experts)
+        # Every routed assignment reached exactly one expert copy: top-2 of every computed token.
+        computed = sum(s.dispatch.tokens_per_expert.get((0, e), 0) for s in experts for e in range(8))
+        assert computed > 0 and computed % 2 == 0
+        assert all(s.dispatch.dispatch_bytes_sent > 0 for s in stats if s.kind == "attention")
     finally:
         group.shutdown()
