@@ -19,10 +19,11 @@ from workers.mixtral import MixtralModel
 from workers.model_runner import ModelRunner
 from workers.model_weights import AttentionSideWeights
 from workers.step_output import StepOutput
-from workers.worker_stats import WorkerStats
 
 
 class AttentionWorker(GroupMember):
+    kind = "attention"
+
     def __init__(self, spec: GroupSpec, rank: int) -> None:
         if rank >= spec.num_attention_workers:
             raise ValueError(f"rank {rank} is an expert rank")
@@ -35,8 +36,6 @@ class AttentionWorker(GroupMember):
         self.kv_cache = KVCache(self.config, spec.num_kv_blocks, spec.block_size, dtype=self.dtype)
         self.runner: ModelRunner | None = None
         self.dispatcher: AllToAllDispatcher | None = None
-        self.busy_seconds = 0.0
-        self.num_steps = 0
 
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, {},
@@ -49,8 +48,3 @@ class AttentionWorker(GroupMember):
         self.busy_seconds += time.perf_counter() - t0
         self.num_steps += 1
         return out
-
-    def dispatch_stats(self) -> WorkerStats:
-        busy, self.busy_seconds = self.busy_seconds, 0.0
-        steps, self.num_steps = self.num_steps, 0
-        return WorkerStats(self.rank, "attention", self.dispatcher.stats.snapshot_and_reset(), busy, steps)

@@ -17,10 +17,11 @@ from workers.group_member import GroupMember
 from workers.group_spec import GroupSpec
 from workers.model_weights import experts_by_layer
 from workers.router import empty_routing
-from workers.worker_stats import WorkerStats
 
 
 class ExpertWorker(GroupMember):
+    kind = "expert"
+
     def __init__(self, spec: GroupSpec, rank: int) -> None:
         if rank < spec.num_attention_workers:
             raise ValueError(f"rank {rank} is an attention rank")
@@ -33,8 +34,6 @@ class ExpertWorker(GroupMember):
         self.pairs = tuple(pairs)
         self.experts = experts_by_layer(ckpt.load_expert_weights(pairs, self.dtype, progress=False))
         self.dispatcher: AllToAllDispatcher | None = None
-        self.busy_seconds = 0.0
-        self.num_steps = 0
 
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, self.experts,
@@ -56,8 +55,3 @@ class ExpertWorker(GroupMember):
             rows += x_MH.shape[0]
         self.num_steps += 1
         return rows
-
-    def dispatch_stats(self) -> WorkerStats:
-        busy, self.busy_seconds = self.busy_seconds, 0.0
-        steps, self.num_steps = self.num_steps, 0
-        return WorkerStats(self.rank, "expert", self.dispatcher.stats.snapshot_and_reset(), busy, steps)

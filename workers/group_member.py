@@ -9,15 +9,32 @@ from datetime import timedelta
 import torch
 
 from workers.group_spec import GroupSpec
-from workers.transport import ProcessGroupTransport, init_process_group, pick_free_port, pick_rendezvous_address
+from workers.transport import (
+    ProcessGroupTransport,
+    init_process_group,
+    pick_free_port,
+    pick_rendezvous_address,
+)
+from workers.worker_stats import WorkerStats
 
 
 class GroupMember:
+    kind = "member"
+
     def __init__(self, spec: GroupSpec, rank: int) -> None:
         torch.set_num_threads(spec.num_threads)
         self.spec = spec
         self.rank = rank
         self.transport: ProcessGroupTransport | None = None
+        self.dispatcher = None  # built in on_joined()
+        self.busy_seconds = 0.0
+        self.num_steps = 0
+
+    def dispatch_stats(self) -> WorkerStats:
+        """What this worker did since the last call (the counters restart)."""
+        busy, self.busy_seconds = self.busy_seconds, 0.0
+        steps, self.num_steps = self.num_steps, 0
+        return WorkerStats(self.rank, self.kind, self.dispatcher.stats.snapshot_and_reset(), busy, steps)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 publishes where the group meets: this node's real address and a free port."""

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             where = group.where()
             outputs = run_requests(engine, requests())
-            stats = [{"rows_received": sum(st.tokens_per_expert.values()),
-                      "dispatch_bytes_received": st.dispatch_bytes_received,
-                      "combine_bytes_sent": st.combine_bytes_sent} for st in group.dispatch_stats()]
+            stats = [{"rows_received": sum(st.dispatch.tokens_per_expert.values()),
+                      "dispatch_bytes_received": st.dispatch.dispatch_bytes_received,
+                      "combine_bytes_sent": st.dispatch.combine_bytes_sent} for st in group.dispatch_stats()]
         finally:
             group.shutdown()
         result = {
