@@ -1,0 +1,73 @@
+"""Every Prometheus metric moe-serve exports: name, type, labels, meaning.
+
+The single list the exporter builds from, the README documents, and the tests check
+against a live scrape. Ray's metrics pipeline prefixes every name with `ray_` and adds
+`_total` to counters; histograms add `_bucket`, `_sum` and `_count`. Labels are bounded:
+`outcome` has four values, `layer` × `expert` is the model's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+STEP_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as we define it; exported as ray_<name>[_total]
+    kind: str  # "counter" | "gauge" | "histogram"
+    labels: tuple[str, ...]
+    description: str
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def exported_name(self) -> str:
+        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+CATALOG: tuple[MetricSpec, ...] = (
+    # requests
+    MetricSpec("moe_serve_time_to_first_token_seconds", "histogram", ("model",),
+               "Arrival at the ingress to the first generated token", tuple(LATENCY_BUCKETS_S)),
+    MetricSpec("moe_serve_inter_token_latency_seconds", "histogram", ("model",),
+               "Time between consecutive generated tokens of a request", tuple(LATENCY_BUCKETS_S)),
+    MetricSpec("moe_serve_e2e_request_latency_seconds", "histogram", ("model",),
+               "Arrival at the ingress to the last token", tuple(LATENCY_BUCKETS_S)),
+    MetricSpec("moe_serve_queue_time_seconds", "histogram", ("model",),
+               "Arrival at the ingress until the engine scheduled the request's first step",
+               tuple(LATENCY_BUCKETS_S)),
+    MetricSpec("moe_serve_prompt_tokens", "counter", ("model",), "Prompt tokens of finished requests"),
+    MetricSpec("moe_serve_generation_tokens", "counter", ("model",), "Tokens generated"),
+    MetricSpec("moe_serve_requests", "counter", ("model", "outcome"),
+               "Finished requests by outcome: stop, length, abort, error"),
+    # engine
+    MetricSpec("moe_serve_num_requests_running", "gauge", ("model",), "Sequences in the running queue"),
+    MetricSpec("moe_serve_num_requests_waiting", "gauge", ("model",), "Sequences in the waiting queue"),
+    MetricSpec("moe_serve_kv_blocks_used", "gauge", ("model",), "KV cache blocks in use"),
+    MetricSpec("moe_serve_kv_blocks_total", "gauge", ("model",), "KV cache blocks in all"),
+    MetricSpec("moe_serve_step_seconds", "histogram", ("model",), "Wall time of one engine step",
+               tuple(STEP_BUCKETS_S)),
+    MetricSpec("moe_serve_batch_tokens", "histogram", ("model",), "Tokens computed in one step",
+               tuple(TOKEN_BUCKETS)),
+    MetricSpec("moe_serve_preemptions", "counter", ("model",), "Sequences preempted for KV blocks"),
+    # data plane
+    MetricSpec("moe_serve_expert_tokens", "counter", ("model", "layer", "expert"),
+               "Rows routed to each (layer, expert), all replicas together"),
+    MetricSpec("moe_serve_dispatch_seconds", "counter", ("model", "rank"),
+               "Time spent in dispatch (all-to-all of routed tokens), per worker"),
+    MetricSpec("moe_serve_combine_seconds", "counter", ("model", "rank"),
+               "Time spent in combine (all-to-all back and weighted sum), per worker"),
+    MetricSpec("moe_serve_dispatch_bytes", "counter", ("model", "rank"), "Bytes a worker sent in dispatch"),
+    MetricSpec("moe_serve_combine_bytes", "counter", ("model", "rank"), "Bytes a worker sent in combine"),
+    MetricSpec("moe_serve_worker_busy_seconds", "counter", ("model", "rank", "kind"),
+               "Compute time: expert workers inside grouped experts, attention workers whole steps"),
+    MetricSpec("moe_serve_expert_load_imbalance", "gauge", ("model", "layer"),
+               "max / mean tokens per expert of a layer over the last reporting interval (1 = balanced)"),
+    # faults
+    MetricSpec("moe_serve_worker_restarts", "counter", ("model", "kind"), "Workers restarted after a fault"),
+)
+
+BY_NAME = {m.name: m for m in CATALOG}

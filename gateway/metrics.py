@@ -1,0 +1,95 @@
+"""Recording moe-serve's metrics through Ray's metrics pipeline (one scrape target per node).
+
+`ServingMetrics` is created inside the engine deployment's replica (Ray metrics objects
+must be made in the process that records them) and fed from three places: each finished
+request's timings, the engine's stats after each step, and the workers' drained stats.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+from cluster.request_output import EngineStats
+from gateway.metric_catalog import CATALOG, MetricSpec
+from workers.worker_stats import WorkerStats
+
+
+def _make(spec: MetricSpec):
+    from ray.util import metrics
+
+    if spec.kind == "counter":
+        return metrics.Counter(spec.name, spec.description, tag_keys=spec.labels)
+    if spec.kind == "gauge":
+        return metrics.Gauge(spec.name, spec.description, tag_keys=spec.labels)
+    return metrics.Histogram(spec.name, spec.description, boundaries=list(spec.buckets), tag_keys=spec.labels)
+
+
+class ServingMetrics:
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.m = {spec.name: _make(spec) for spec in CATALOG}
+        self._last_preemptions = 0
+
+    def _tags(self, **extra: object) -> dict[str, str]:
+        return {"model": self.model, **{k: str(v) for k, v in extra.items()}}
+
+    def observe_request(self, *, outcome: str, num_prompt_tokens: int, num_output_tokens: int,
+                        ttft_s: float | None, inter_token_s: Sequence[float], e2e_s: float,
+                        queue_s: float | None) -> None:
+        t = self._tags()
+        if ttft_s is not None:
+            self.m["moe_serve_time_to_first_token_seconds"].observe(ttft_s, t)
+        for gap in inter_token_s:
+            self.m["moe_serve_inter_token_latency_seconds"].observe(gap, t)
+        self.m["moe_serve_e2e_request_latency_seconds"].observe(e2e_s, t)
+        if queue_s is not None:
+            self.m["moe_serve_queue_time_seconds"].observe(queue_s, t)
+        self.m["moe_serve_prompt_tokens"].inc(num_prompt_tokens, t)
+        self.m["moe_serve_requests"].inc(1, self._tags(outcome=outcome))
+
+    def observe_tokens(self, n: int) -> None:
+        if n:
+            self.m["moe_serve_generation_tokens"].inc(n, self._tags())
+
+    def observe_engine(self, stats: EngineStats, step_ran: bool) -> None:
+        t = self._tags()
+        self.m["moe_serve_num_requests_running"].set(stats.num_running, t)
+        self.m["moe_serve_num_requests_waiting"].set(stats.num_waiting, t)
+        self.m["moe_serve_kv_blocks_used"].set(stats.num_kv_blocks_used, t)
+        self.m["moe_serve_kv_blocks_total"].set(stats.num_kv_blocks_total, t)
+        if step_ran:
+            self.m["moe_serve_step_seconds"].observe(stats.last_step_seconds, t)
+            self.m["moe_serve_batch_tokens"].observe(stats.last_step_tokens, t)
+        new = stats.num_preemptions - self._last_preemptions
+        if new > 0:
+            self.m["moe_serve_preemptions"].inc(new, t)
+        self._last_preemptions = stats.num_preemptions
+
+    def observe_workers(self, stats: Iterable[WorkerStats], num_experts: int) -> None:
+        per_layer: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
+        for ws in stats:
+            d, rank = ws.dispatch, self._tags(rank=ws.rank)
+            self.m["moe_serve_dispatch_seconds"].inc(d.dispatch_seconds, rank)
+            self.m["moe_serve_combine_seconds"].inc(d.combine_seconds, rank)
+            self.m["moe_serve_dispatch_bytes"].inc(d.dispatch_bytes_sent, rank)
+            self.m["moe_serve_combine_bytes"].inc(d.combine_bytes_sent, rank)
+            self.m["moe_serve_worker_busy_seconds"].inc(ws.busy_seconds, self._tags(rank=ws.rank, kind=ws.kind))
+            for (layer, expert), n in d.tokens_per_expert.items():
+                per_layer[layer][expert] += n
+        for layer, counts in per_layer.items():
+            for expert, n in enumerate(counts):
+                if n:
+                    self.m["moe_serve_expert_tokens"].inc(n, self._tags(layer=layer, expert=expert))
+            self.m["moe_serve_expert_load_imbalance"].set(load_imbalance(counts), self._tags(layer=layer))
+
+    def observe_restart(self, kind: str) -> None:
+        self.m["moe_serve_worker_restarts"].inc(1, self._tags(kind=kind))
+
+
+def load_imbalance(counts: Sequence[int]) -> float:
+    """max / mean of a layer's tokens per expert; 1.0 for an idle layer."""
+    total = sum(counts)
+    if not total:
+        return 1.0
+    return max(counts) / (total / len(counts))
