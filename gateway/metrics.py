@@ -31,6 +31,10 @@ class ServingMetrics:
         self.m = {spec.name: _make(spec) for spec in CATALOG}
         self._last_preemptions = 0
 
+    def _inc(self, name: str, value: float, tags: dict[str, str]) -> None:
+        if value > 0:  # Ray counters refuse zero and negative increments
+            self.m[name].inc(value, tags)
+
     def _tags(self, **extra: object) -> dict[str, str]:
         return {"model": self.model, **{k: str(v) for k, v in extra.items()}}
 
@@ -45,12 +49,11 @@ class ServingMetrics:
         self.m["moe_serve_e2e_request_latency_seconds"].observe(e2e_s, t)
         if queue_s is not None:
             self.m["moe_serve_queue_time_seconds"].observe(queue_s, t)
-        self.m["moe_serve_prompt_tokens"].inc(num_prompt_tokens, t)
-        self.m["moe_serve_requests"].inc(1, self._tags(outcome=outcome))
+        self._inc("moe_serve_prompt_tokens", num_prompt_tokens, t)
+        self._inc("moe_serve_requests", 1, self._tags(outcome=outcome))
 
     def observe_tokens(self, n: int) -> None:
-        if n:
-            self.m["moe_serve_generation_tokens"].inc(n, self._tags())
+        self._inc("moe_serve_generation_tokens", n, self._tags())
 
     def observe_engine(self, stats: EngineStats, step_ran: bool) -> None:
         t = self._tags()
@@ -62,29 +65,28 @@ class ServingMetrics:
             self.m["moe_serve_step_seconds"].observe(stats.last_step_seconds, t)
             self.m["moe_serve_batch_tokens"].observe(stats.last_step_tokens, t)
         new = stats.num_preemptions - self._last_preemptions
-        if new > 0:
-            self.m["moe_serve_preemptions"].inc(new, t)
+        self._inc("moe_serve_preemptions", new, t)
         self._last_preemptions = stats.num_preemptions
 
     def observe_workers(self, stats: Iterable[WorkerStats], num_experts: int) -> None:
         per_layer: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
         for ws in stats:
             d, rank = ws.dispatch, self._tags(rank=ws.rank)
-            self.m["moe_serve_dispatch_seconds"].inc(d.dispatch_seconds, rank)
-            self.m["moe_serve_combine_seconds"].inc(d.combine_seconds, rank)
-            self.m["moe_serve_dispatch_bytes"].inc(d.dispatch_bytes_sent, rank)
-            self.m["moe_serve_combine_bytes"].inc(d.combine_bytes_sent, rank)
-            self.m["moe_serve_worker_busy_seconds"].inc(ws.busy_seconds, self._tags(rank=ws.rank, kind=ws.kind))
+            self._inc("moe_serve_dispatch_seconds", d.dispatch_seconds, rank)
+            self._inc("moe_serve_combine_seconds", d.combine_seconds, rank)
+            self._inc("moe_serve_dispatch_bytes", d.dispatch_bytes_sent, rank)
+            self._inc("moe_serve_combine_bytes", d.combine_bytes_sent, rank)
+            self._inc("moe_serve_worker_busy_seconds", ws.busy_seconds,
+                      self._tags(rank=ws.rank, kind=ws.kind))
             for (layer, expert), n in d.tokens_per_expert.items():
                 per_layer[layer][expert] += n
         for layer, counts in per_layer.items():
             for expert, n in enumerate(counts):
-                if n:
-                    self.m["moe_serve_expert_tokens"].inc(n, self._tags(layer=layer, expert=expert))
+                self._inc("moe_serve_expert_tokens", n, self._tags(layer=layer, expert=expert))
             self.m["moe_serve_expert_load_imbalance"].set(load_imbalance(counts), self._tags(layer=layer))
 
     def observe_restart(self, kind: str) -> None:
-        self.m["moe_serve_worker_restarts"].inc(1, self._tags(kind=kind))
+        self._inc("moe_serve_worker_restarts", 1, self._tags(kind=kind))
 
 
 def load_imbalance(counts: Sequence[int]) -> float:
