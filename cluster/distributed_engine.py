@@ -9,11 +9,11 @@ from pathlib import Path
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.placement import place_experts
+from cluster.text_io import load_text_io
 from cluster.topology import TopologyConfig
 from cluster.worker_group import GroupPlacement, RayWorkerGroup
 from workers.config import ModelConfig
 from workers.group_spec import GroupSpec
-from workers.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     spec = build_group_spec(model_dir, engine_cfg, topology, ep)
     group = RayWorkerGroup(spec, topology, placement)
     cfg = ModelConfig.from_dir(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
-    eos = tokenizer.eos_token_ids if tokenizer else ((cfg.eos_token_id,) if cfg.eos_token_id is not None else ())
+    tokenizer, eos = load_text_io(model_dir, cfg)
     engine = Engine(group, engine_cfg, max_model_len=cfg.max_position_embeddings, eos_token_ids=eos,
                     tokenizer=tokenizer)
     return engine, group

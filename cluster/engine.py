@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from cluster.block_manager import BlockManager
@@ -39,6 +39,7 @@ class _Request:
     stop: StopChecker
     detokenizer: IncrementalDetokenizer | None
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
+    scheduled_time: float | None = None  # wall clock of its first step (queue time ends here)
 
 
 class Engine:
@@ -65,6 +66,7 @@ class Engine:
         self._last_step_tokens = 0
         self._last_step_seconds = 0.0
         self._num_generated = 0
+        self.step_listeners: list[Callable[[EngineStats], None]] = []  # e.g. the metrics recorder
 
     @property
     def max_model_len(self) -> int:
@@ -97,7 +99,8 @@ class Engine:
                        arrival_time=time.monotonic())
         self.schedulers[rank].add(seq)  # raises ValueError when it can never fit
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
-        req = _Request(request_id, seq, rank, StopChecker(params, self.eos_token_ids, self.max_model_len), detok)
+        stop = StopChecker(params, self.eos_token_ids, self.max_model_len)
+        req = _Request(request_id, seq, rank, stop, detok)
         self._requests[seq.seq_id] = req
         self._by_request_id[request_id] = seq.seq_id
         self._ensure_loop()
@@ -139,6 +142,12 @@ class Engine:
 
     async def step(self) -> None:
         batches = tuple(s.schedule() or ScheduledBatch(()) for s in self.schedulers)
+        now = time.time()
+        for batch in batches:
+            for scheduled in batch.seqs:
+                req = self._requests.get(scheduled.seq_id)
+                if req is not None and req.scheduled_time is None:
+                    req.scheduled_time = now
         t0 = time.perf_counter()
         outputs = await self.executor.execute(batches)
         self._last_step_seconds = time.perf_counter() - t0
@@ -150,6 +159,10 @@ class Engine:
                 req = self._requests.get(seq.seq_id)
                 if req is not None:
                     self._on_token(scheduler, req, logprobs.get(seq.seq_id))
+        if self.step_listeners:
+            stats = self.stats()
+            for listener in self.step_listeners:
+                listener(stats)
 
     def _on_token(self, scheduler: Scheduler, req: _Request, logprob: float | None) -> None:
         seq = req.seq
@@ -163,7 +176,7 @@ class Engine:
         out = RequestOutput(
             request_id=req.request_id, token_ids=(token,), text=text, logprobs=(logprob,),
             num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-            finished=decision.finished, finish_reason=decision.reason,
+            finished=decision.finished, finish_reason=decision.reason, scheduled_time=req.scheduled_time,
         )
         req.queue.put_nowait(out)
         if decision.finished:
@@ -175,7 +188,7 @@ class Engine:
             req.queue.put_nowait(RequestOutput(
                 request_id=req.request_id, token_ids=(), text="", logprobs=(),
                 num_prompt_tokens=req.seq.num_prompt_tokens, num_output_tokens=req.seq.num_output_tokens,
-                finished=True, finish_reason=reason, error=error,
+                finished=True, finish_reason=reason, error=error, scheduled_time=req.scheduled_time,
             ))
         self._forget(req)
 

@@ -9,10 +9,10 @@ import torch
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
+from cluster.text_io import load_text_io
 from workers.kv_cache import KVCache
 from workers.model_loader import load_local_model
 from workers.model_runner import ModelRunner
-from workers.tokenizer import Tokenizer
 
 
 def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None,
@@ -22,8 +22,6 @@ def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None
         raise ValueError("the single-process engine has exactly one attention worker")
     model = load_local_model(model_dir, dtype, progress=progress)
     kv_cache = KVCache(model.cfg, config.num_kv_blocks, config.block_size, dtype=dtype)
-    tokenizer = Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
-    eos = tokenizer.eos_token_ids if tokenizer else tuple(
-        [model.cfg.eos_token_id] if model.cfg.eos_token_id is not None else [])
+    tokenizer, eos = load_text_io(model_dir, model.cfg)
     return Engine(LocalExecutor(ModelRunner(model, kv_cache)), config,
                   max_model_len=model.cfg.max_position_embeddings, eos_token_ids=eos, tokenizer=tokenizer)

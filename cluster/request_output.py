@@ -16,6 +16,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    scheduled_time: float | None = None  # time.time() when the engine first scheduled the request
 
 
 @dataclass(frozen=True)

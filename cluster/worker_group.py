@@ -49,7 +49,8 @@ class RayWorkerGroup:
 
     def __init__(self, spec: GroupSpec, topology: TopologyConfig, placement: GroupPlacement | None = None,
                  ready_timeout_s: float = 300.0) -> None:
-        if topology.num_attention_workers != spec.num_attention_workers or topology.world_size != spec.world_size:
+        if (topology.num_attention_workers, topology.world_size) != (spec.num_attention_workers,
+                                                                     spec.world_size):
             raise ValueError("topology and group spec disagree on worker counts")
         self.spec = spec
         self.topology = topology
