@@ -41,9 +41,76 @@ def run_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over OpenAI-compatible HTTP and gRPC (the demo model by default)",
+        description="Start (or join) a Ray cluster and serve a Mixtral-style checkpoint with Ray Serve: "
+                    "OpenAI-compatible HTTP (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                    "/ready) and gRPC. Without --model the built-in demo checkpoint is written (once) "
+                    "and served. Ctrl-C stops.",
+    )
+    parser.add_argument("--model", type=Path, default=None,
+                        help="HF-format Mixtral checkpoint directory (default: the demo checkpoint)")
+    parser.add_argument("--model-name", default=None,
+                        help="the name clients send as `model` (default: the checkpoint directory's name)")
+    parser.add_argument("--address", default=None,
+                        help="join this Ray cluster ('auto' or HOST:PORT) instead of starting one here")
+    parser.add_argument("--attention-workers", type=int, default=1,
+                        help="attention workers (data-parallel ranks) per model group (default 1)")
+    parser.add_argument("--expert-workers", type=int, default=2,
+                        help="expert workers per model group; 0 runs the whole model inside the engine "
+                             "replica (default 2)")
+    parser.add_argument("--expert-replicas", default="", metavar="L:E=N,...",
+                        help="extra copies of hot experts, e.g. '0:3=2,1:5=2' (layer 0 expert 3 twice, ...)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--max-num-seqs", type=int, default=64,
+                        help="running sequences per attention worker (default 64)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length limit (default: the model's max_position_embeddings)")
+    parser.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU only)")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.25,
+                        help="CPUs Ray reserves per worker and for the engine replica (default 0.25)")
+    parser.add_argument("--engine-replicas", type=int, default=1, help="model groups (default 1)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP and gRPC bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOE_SERVE_API_KEY; "
+                             "none: no authentication)")
+    parser.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from gateway.app import ServeOptions
+    from gateway.serve_command import parse_expert_replicas
+    from gateway.serve_command import run_serve as serve
+    from workers.demo_checkpoint import ensure_demo_checkpoint
+
+    try:
+        model_dir = args.model if args.model is not None else ensure_demo_checkpoint()
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"{model_dir} holds no config.json: not a HuggingFace checkpoint directory")
+        options = ServeOptions(
+            model_dir=str(model_dir), model_name=args.model_name,
+            num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers,
+            expert_replicas=parse_expert_replicas(args.expert_replicas), dtype=args.dtype,
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, use_gpus=args.gpus,
+            num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas,
+            api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
+            host=args.host, port=args.port, grpc_port=args.grpc_port,
+        )
+    except (ValueError, FileExistsError) as exc:
+        print(f"moe-serve serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(options, address=args.address)
+
+
 # Subcommands in the order `--help` lists them. `serve` (and `bench`) register here, each as an
 # `add_<name>_command` function like the one above.
 COMMANDS = (
+    add_serve_command,
     add_demo_model_command,
 )
 

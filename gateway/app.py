@@ -1,0 +1,122 @@
+"""The Serve application, composed in one place: `Ingress.bind(EngineDeployment.bind(...))`.
+
+    HTTP / gRPC proxy → Ingress (validate, tokenize, stream) → EngineDeployment (one engine per replica)
+                                                                  └ model group: attention + expert workers
+
+`ServeOptions` is everything `moe-serve serve` can set; `build_app` turns it into the two
+deployments' options and their Ray resources. An engine replica with expert workers reserves
+its whole model group through its placement group: bundle 0 for the replica itself, then one
+bundle per worker (`cluster.topology.worker_bundles`). With no expert workers the whole model
+runs inside the engine replica (the single-process engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray import serve
+
+from cluster.distributed_engine import ExpertParallelConfig
+from cluster.engine_config import EngineConfig
+from cluster.topology import TopologyConfig, worker_bundles
+from gateway.engine_deployment import (
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
+    DEFAULT_MAX_BATCH_SIZE,
+    EngineDeployment,
+    EngineOptions,
+)
+from gateway.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressOptions
+
+APP_NAME = "moe-serve"
+INGRESS_CPUS = 0.1  # the ingress waits on I/O; tokenizing is a sliver of a core
+DEFAULT_BATCHED_TOKENS = 512  # tokens per step and attention worker (EngineConfig's default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    model_dir: str
+    model_name: str | None = None  # what clients put in `model`; None: the directory's name
+    num_attention_workers: int = 1
+    num_expert_workers: int = 2  # 0: no workers, the whole model runs in the engine replica
+    expert_replicas: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) → copies
+    dtype: str = "float32"
+    max_num_seqs: int = 64  # per attention worker
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_kv_blocks: int = 1024  # per attention worker
+    use_gpus: bool = False
+    num_cpus_per_worker: float = 0.25  # each worker, and the engine replica itself
+    api_key: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 9000
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # admission batch of an engine replica
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    num_engine_replicas: int = 1  # model groups
+    num_ingress_replicas: int = 1
+    max_ongoing_requests: int = 256  # per replica; a stream counts until it ends
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.num_expert_workers < 0:
+            raise ValueError(f"num_expert_workers must be >= 0, got {self.num_expert_workers}")
+        if self.num_expert_workers == 0 and self.num_attention_workers != 1:
+            raise ValueError("without expert workers (single-process engine) there is exactly one "
+                             "attention worker")
+        for name in ("num_engine_replicas", "num_ingress_replicas", "max_ongoing_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("port", "grpc_port"):
+            if not 0 < getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be a TCP port, got {getattr(self, name)}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size")
+        self.engine_options()  # the engine, topology and batching fields validate themselves
+        self.ingress_options()
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or Path(self.model_dir).resolve().name
+
+    def topology(self) -> TopologyConfig | None:
+        if self.num_expert_workers == 0:
+            return None
+        return TopologyConfig(num_attention_workers=self.num_attention_workers,
+                              num_expert_workers=self.num_expert_workers, use_gpus=self.use_gpus,
+                              num_cpus_per_worker=self.num_cpus_per_worker)
+
+    def engine_options(self) -> EngineOptions:
+        engine = EngineConfig(max_num_seqs=self.max_num_seqs,
+                              max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, self.max_num_seqs),
+                              num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
+                              num_attention_workers=self.num_attention_workers)
+        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), dtype=self.dtype)
+        return EngineOptions(
+            model_dir=str(Path(self.model_dir).resolve()), engine=engine, topology=self.topology(),
+            expert_parallel=ep, max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s,
+        )
+
+    def ingress_options(self) -> IngressOptions:
+        return IngressOptions(model_dir=str(Path(self.model_dir).resolve()),
+                              model_name=self.served_model_name, api_key=self.api_key,
+                              max_body_bytes=self.max_body_bytes)
+
+
+def build_app(options: ServeOptions) -> serve.Application:
+    engine_options = options.engine_options()
+    replica_bundle = {"CPU": options.num_cpus_per_worker}
+    topology = engine_options.topology
+    group = {} if topology is None else {
+        "placement_group_bundles": [replica_bundle, *worker_bundles(topology)],
+        "placement_group_strategy": topology.strategy,
+    }
+    engine = EngineDeployment.options(
+        num_replicas=options.num_engine_replicas, max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": options.num_cpus_per_worker}, **group,
+    ).bind(engine_options)
+    return Ingress.options(
+        num_replicas=options.num_ingress_replicas, max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": INGRESS_CPUS},
+    ).bind(engine, options.ingress_options())

@@ -1,0 +1,171 @@
+"""The engine deployment: each Serve replica owns one engine (DESIGN.md §1, steps 2 → 3 and 6 → 7).
+
+A replica runs either the single-process engine (the whole model in the replica; no expert
+workers) or a distributed model group. For a group, the replica's placement group is
+[replica bundle] + one bundle per worker (`placement_group_bundles`, set in `gateway.app`), and
+the workers are started in bundles 1.. of it, so Serve reserves, places and frees a whole model
+group with its replica.
+
+Admission is batched: requests that arrive within `batch_wait_timeout_s` of each other enter the
+engine together (`@serve.batch`), so the step loop wakes once for them and prefills them in the
+same step. `@serve.batch` can batch an async generator, but such a generator cannot be streamed
+through a handle, so the batched method only admits and `generate` (a plain async generator)
+streams each request's outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from cluster.distributed_engine import ExpertParallelConfig
+from cluster.engine_config import EngineConfig
+from cluster.request_output import EngineStats, RequestOutput
+from cluster.topology import TopologyConfig
+from gateway.generation_request import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BATCH_SIZE = 16
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.002
+READY_TIMEOUT_S = 5.0  # a worker that does not answer a probe this fast is not ready
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What one engine replica builds."""
+
+    model_dir: str
+    engine: EngineConfig
+    topology: TopologyConfig | None  # None: the single-process engine, inside the replica
+    expert_parallel: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
+    num_threads: int | None = None  # torch threads of a single-process engine; None: torch's default
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        if self.topology is None and self.engine.num_attention_workers != 1:
+            raise ValueError("the single-process engine has exactly one attention worker")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to validate a request before sending it."""
+
+    max_model_len: int  # prompt + max_tokens may not exceed this
+    vocab_size: int  # token ids must be below this
+
+
+@serve.deployment(name="EngineDeployment")
+class EngineDeployment:
+    def __init__(self, options: EngineOptions) -> None:
+        from workers.config import ModelConfig
+
+        self.options = options
+        self.group = None
+        if options.topology is None:
+            self.engine = self._build_local(options)
+        else:
+            self.engine, self.group = self._build_distributed(options)
+        self.model_info = ModelInfo(max_model_len=self.engine.max_model_len,
+                               vocab_size=ModelConfig.from_dir(options.model_dir).vocab_size)
+        self._admit.set_max_batch_size(options.max_batch_size)
+        self._admit.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+
+    @staticmethod
+    def _build_local(options: EngineOptions):
+        import torch
+
+        from cluster.local_engine import build_local_engine
+        from workers.dtypes import parse_dtype
+
+        if options.num_threads:
+            torch.set_num_threads(options.num_threads)
+        return build_local_engine(options.model_dir, options.engine,
+                                  dtype=parse_dtype(options.expert_parallel.dtype))
+
+    @staticmethod
+    def _build_distributed(options: EngineOptions):
+        import ray
+
+        from cluster.distributed_engine import build_distributed_engine
+        from cluster.worker_group import GroupPlacement
+
+        pg = ray.util.get_current_placement_group()
+        if pg is None:
+            raise RuntimeError("a distributed engine replica needs placement_group_bundles "
+                               "(gateway.app.build_app sets them)")
+        # Bundle 0 is this replica's own; the workers take 1..world_size.
+        return build_distributed_engine(options.model_dir, options.engine, options.topology,
+                                        options.expert_parallel, placement=GroupPlacement(pg, first_bundle=1))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream one request's outputs; cancelling the stream (client gone) aborts it."""
+        try:
+            admitted = await self._admit(request)
+        except asyncio.CancelledError:
+            self.engine.abort(request.request_id)  # the batch may have admitted it just before
+            raise
+        if isinstance(admitted, Exception):
+            raise admitted  # a ValueError: this request can never fit
+        try:
+            while True:
+                out = await admitted.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self.engine.abort(request.request_id)  # a no-op once finished
+
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue | ValueError]:
+        """Add a batch of requests to the engine at once; each gets its output queue or its error."""
+        admitted: list[asyncio.Queue | ValueError] = []
+        for req in requests:
+            try:
+                queue = self.engine.add_request(req.request_id, list(req.prompt_ids), req.params).queue
+                admitted.append(queue)
+            except ValueError as exc:
+                admitted.append(exc)
+        return admitted
+
+    def abort(self, request_id: str) -> bool:
+        return self.engine.abort(request_id)
+
+    # -- observability ----------------------------------------------------------------------
+
+    def info(self) -> ModelInfo:
+        return self.model_info
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def ready(self) -> bool:
+        """True when the engine can take requests: every worker of its group answers a probe."""
+        if self.group is None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*[w.where.remote() for w in self.group.workers]),
+                                   READY_TIMEOUT_S)
+        except Exception as exc:  # an actor died, or hangs
+            log.warning("engine not ready: %s: %s", type(exc).__name__, exc)
+            return False
+        return True
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            try:
+                group.shutdown()
+            except Exception:  # Ray may be going down with us
+                pass

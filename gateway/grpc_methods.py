@@ -1,0 +1,252 @@
+"""The ingress's gRPC methods: `moe_serve.v1.MoeServe` and the standard `grpc.health.v1.Health`.
+
+Ray Serve's gRPC proxy sends each call of a registered service (`grpc_stubs.servicer_functions()`)
+to the ingress method of the same name (`Generate`, `GenerateStream`, `ListModels`, `Check`,
+`Watch`), with the request message and, since the parameter is named `grpc_context`, a
+`RayServegRPCContext`. The proxy answers `/ray.serve.RayServeAPIService/Healthz` itself; the
+standard health service comes here like any other, so its answer is the engine's readiness.
+
+A failed call sets its status on the context. A unary method then returns an empty message; a
+streaming one must raise, because the proxy copies the context only with a streamed message or
+with an exception.
+
+The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
+`model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it) and
+`api_key` (None: no authentication).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+import grpc
+from grpc_health.v1 import health_pb2
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.grpc_util import RayServegRPCContext
+
+from cluster.request_output import RequestOutput
+from gateway.generation_request import GenerationRequest
+from gateway.grpc_stubs import moe_serve_pb2 as pb
+from workers.sampling_params import SamplingParams, SamplingParamsError
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moe_serve.v1.MoeServe"
+HEALTH_CHECK_TIMEOUT_S = 5.0
+HEALTH_WATCH_INTERVAL_S = 1.0
+
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+}
+# SamplingParams fields whose proto field is `optional`: unset means the dataclass default.
+OPTIONAL_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+
+
+class GrpcError(Exception):
+    """Ends a call with a non-OK status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+    def __reduce__(self):
+        # A stream's GrpcError travels to the proxy (wrapped by Serve) and must unpickle there.
+        return type(self), (self.code, self.details)
+
+    def set_on(self, grpc_context: RayServegRPCContext) -> None:
+        grpc_context.set_code(self.code)
+        grpc_context.set_details(self.details)
+
+
+class GrpcMethods:
+    async def Generate(self, request: pb.GenerateRequest,
+                       grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        try:
+            gen = self._admit(request, grpc_context)
+            token_ids, text, logprobs, last = [], [], [], None
+            async with aclosing(self._outputs(gen)) as outputs:
+                async for out in outputs:
+                    token_ids += out.token_ids
+                    text.append(out.text)
+                    logprobs += out.logprobs
+                    last = out
+        except GrpcError as err:
+            err.set_on(grpc_context)
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(
+            request_id=gen.request_id, model=self.model_name, token_ids=token_ids, text="".join(text),
+            logprobs=_logprobs(logprobs, gen.params), finish_reason=FINISH_REASONS[last.finish_reason],
+            usage=_usage(last),
+        )
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            gen = self._admit(request, grpc_context)
+            async with aclosing(self._outputs(gen)) as outputs:
+                async for out in outputs:
+                    yield pb.GenerateStreamResponse(
+                        request_id=gen.request_id, model=self.model_name, token_ids=out.token_ids,
+                        text=out.text, logprobs=_logprobs(out.logprobs, gen.params),
+                        finish_reason=FINISH_REASONS[out.finish_reason] if out.finished else None,
+                        usage=_usage(out) if out.finished else None,
+                    )
+        except GrpcError as err:
+            err.set_on(grpc_context)
+            raise
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
+        try:
+            self._authenticate(grpc_context)
+        except GrpcError as err:
+            err.set_on(grpc_context)
+            return pb.ListModelsResponse()
+        return pb.ListModelsResponse(models=[pb.Model(id=self.model_name, max_model_len=self.max_model_len)])
+
+    # -- grpc.health.v1.Health: unauthenticated, like HTTP /ready, since probes carry no key --------
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
+        if request.service not in ("", SERVICE_NAME):
+            GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}").set_on(grpc_context)
+            return health_pb2.HealthCheckResponse()
+        return health_pb2.HealthCheckResponse(status=await self._serving_status())
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now and at every change, until the client hangs up (a poll each second)."""
+        if request.service not in ("", SERVICE_NAME):
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            status = await self._serving_status()
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+
+    async def _serving_status(self) -> health_pb2.HealthCheckResponse.ServingStatus:
+        """SERVING when the engine deployment answers `ready()` with True in time."""
+        try:
+            ready = await asyncio.wait_for(self.engine.ready.remote(), HEALTH_CHECK_TIMEOUT_S)
+        except Exception:  # timed out, no replica, a replica died: all of them mean "not now"
+            ready = False
+        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    # -- one generation --------------------------------------------------------------------------
+
+    def _admit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> GenerationRequest:
+        """Authenticate and validate a request and turn it into the engine's message."""
+        self._authenticate(grpc_context)
+        if request.model and request.model != self.model_name:
+            raise GrpcError(grpc.StatusCode.NOT_FOUND,
+                            f"model {request.model!r} is not served here, {self.model_name!r} is")
+        try:
+            params = sampling_params(request.sampling)
+        except SamplingParamsError as exc:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}") from None
+        prompt_ids = self._prompt_ids(request)
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"sampling.max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens "
+                            f"{params.max_tokens} exceed the model's context of {self.max_model_len} tokens")
+        return GenerationRequest(request_id=f"grpc-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params,
+                                 arrival_time=time.time())
+
+    def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
+        if self.api_key is None:
+            return
+        metadata = dict(grpc_context.invocation_metadata())
+        scheme, _, key = str(metadata.get("authorization", "")).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise GrpcError(grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            ids = tuple(self.tokenizer.encode(request.text))
+        elif which == "token_ids":
+            ids = tuple(request.token_ids.ids)
+            if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+                raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token_ids: ids must be in [0, {self.vocab_size}), got {bad[:5]}")
+        else:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: set text or token_ids")
+        if not ids:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty")
+        return ids
+
+    async def _outputs(self, gen: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for `gen`, engine failures turned into `GrpcError`s.
+
+        Leaving early (the client cancelled, or timed out) aborts the engine request, so its
+        sequence and KV blocks are freed at once.
+        """
+        stream = self.engine.options(stream=True).generate.remote(gen)
+        finished = False
+        try:
+            async for out in stream:
+                if out.finish_reason == "error":
+                    raise GrpcError(grpc.StatusCode.UNAVAILABLE, out.error or "the engine failed the request")
+                finished = out.finished
+                yield out
+        except GrpcError:
+            raise
+        except Exception as exc:
+            raise engine_error(exc) from exc
+        finally:
+            if not finished:
+                stream.cancel()  # the engine replica's generator aborts the sequence when cancelled
+                self._abort(gen.request_id)  # in case the cancel raced admission
+        if not finished:
+            raise GrpcError(grpc.StatusCode.UNAVAILABLE, "the engine ended the request without finishing it")
+
+    def _abort(self, request_id: str) -> None:
+        # Called from an empty context: Serve cancels the calls a cancelled request made while it
+        # is being cancelled, and that is exactly when this one is made.
+        contextvars.Context().run(self.engine.abort.remote, request_id)
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """The engine's SamplingParams; raises SamplingParamsError naming the bad field."""
+    set_fields = {name: getattr(msg, name) for name in OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
+    return SamplingParams(**set_fields, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
+                          ignore_eos=msg.ignore_eos, logprobs=msg.logprobs)
+
+
+def engine_error(exc: Exception) -> GrpcError:
+    """The status of an exception from the engine deployment's handle."""
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc  # RayTaskError: raised in the replica
+    if isinstance(cause, BackPressureError):
+        return GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, retry later: {cause}")
+    if isinstance(cause, TimeoutError):
+        return GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the engine timed out: {cause}")
+    if isinstance(cause, ValueError):  # the engine refused the request, e.g. it can never fit the KV cache
+        return GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(cause))
+    if isinstance(cause, DeploymentUnavailableError):
+        return GrpcError(grpc.StatusCode.UNAVAILABLE, cause.message)
+    if isinstance(cause, RayError):
+        return GrpcError(grpc.StatusCode.UNAVAILABLE, f"engine unavailable: {type(cause).__name__}: {cause}")
+    return GrpcError(grpc.StatusCode.INTERNAL, f"{type(cause).__name__}: {cause}")
+
+
+def _logprobs(logprobs: Sequence[float | None], params: SamplingParams) -> list[float]:
+    return [math.nan if lp is None else lp for lp in logprobs] if params.logprobs else []
+
+
+def _usage(out: RequestOutput) -> pb.Usage:
+    return pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+                    total_tokens=out.num_prompt_tokens + out.num_output_tokens)
+

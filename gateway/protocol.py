@@ -1,0 +1,278 @@
+"""The OpenAI wire format: request and response bodies of /v1/completions, /v1/chat/completions
+and /v1/models, as pydantic models.
+
+Requests are strict about types (no "1" for 1, no 1.0 for an integer, no 1 for true) and, like
+OpenAI, ignore top-level fields they do not know. Fields OpenAI defines but we do not implement
+(penalties, logit bias, echo, suffix, best_of, top alternatives in logprobs, tools) are accepted
+at their neutral value and refused otherwise (`unsupported_field`), so a client never gets an
+answer to a question it did not ask. Value rules that sampling owns (temperature >= 0, top_p in
+(0, 1], seed range, ...) are checked once, by `SamplingParams`; the bounds here are OpenAI's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
+
+MAX_N = 8  # choices per prompt
+MAX_CHOICES = 64  # prompts × n per request: one request may not flood the engine
+MAX_STOP = 16  # stop strings per request
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+Prompt = str | list[int]  # one prompt: text, or token ids used as given
+
+
+class _StrictRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_StrictRequest):
+    include_usage: bool = False
+
+
+class SamplingFields(_StrictRequest):
+    """Fields both endpoints share; `null` means "the default" throughout, as with OpenAI."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's extension: -1 or 0 is off
+    min_p: float | None = None  # vLLM's extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extension
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        return stop
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def unsupported_field(self) -> str | None:
+        """The first field set to something we do not implement, or None."""
+        if self.presence_penalty:
+            return "presence_penalty"
+        if self.frequency_penalty:
+            return "frequency_penalty"
+        if self.logit_bias:
+            return "logit_bias"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options"
+        return None
+
+    def sampling_params(self, *, max_tokens: int, logprobs: bool, choice: int = 0) -> SamplingParams:
+        """Raises `SamplingParamsError` (its `field` is the OpenAI parameter name) on a bad value.
+
+        Each of the n choices gets its own seed (seed + choice, wrapped into range): with one seed
+        for all, n > 1 would return n copies of the same text.
+        """
+        seed = self.seed
+        if seed is not None and choice and MIN_SEED <= seed <= MAX_SEED:
+            seed = MIN_SEED + (seed + choice - MIN_SEED) % (MAX_SEED - MIN_SEED + 1)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            seed=seed,
+            stop=self.stop or (),
+            stop_token_ids=self.stop_token_ids or (),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None  # None: DEFAULT_COMPLETION_MAX_TOKENS
+    logprobs: int | None = Field(None, ge=0, le=5)  # only 0 (the sampled token's) is implemented
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: Any) -> Any:
+        try:
+            prompt = handler(value)
+        except ValidationError:
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
+                             "or a list of token-id lists") from None
+        if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
+            raise ValueError("prompt must not be empty")
+        return prompt
+
+    def prompts(self) -> list[Prompt]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [p]  # one token-id prompt
+        return list(p)
+
+    def unsupported_field(self) -> str | None:
+        if self.logprobs:
+            return "logprobs"  # top alternatives are not computed; logprobs=0 gives the sampled token's
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        return super().unsupported_field()
+
+
+class TextContentPart(_StrictRequest):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_StrictRequest):
+    role: str
+    content: str | list[TextContentPart]
+    name: str | None = None  # accepted and ignored
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None  # None (both): the rest of the context
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # only 0 is implemented
+    tools: list[Any] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported_field(self) -> str | None:
+        if self.top_logprobs:
+            return "top_logprobs"
+        if self.tools:
+            return "tools"
+        return super().unsupported_field()
+
+    def message_dicts(self) -> list[dict[str, Any]]:
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
+
+# -- responses ----------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A whole completion, and (with `usage` None but on the last one) each streamed chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "moe-serve"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
