@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,bench]'
+	$(PY) -m gateway.grpc_stubs
 	touch $@
 
 serve: $(VENV)/.installed

@@ -93,6 +93,7 @@ class ServeOptions:
                               num_attention_workers=self.num_attention_workers)
         ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), dtype=self.dtype)
         return EngineOptions(
+            model_name=self.served_model_name,
             model_dir=str(Path(self.model_dir).resolve()), engine=engine, topology=self.topology(),
             expert_parallel=ep, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s,

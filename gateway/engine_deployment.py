@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from cluster.engine_config import EngineConfig
 from cluster.request_output import EngineStats, RequestOutput
 from cluster.topology import TopologyConfig
 from gateway.generation_request import GenerationRequest
+from gateway.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class EngineOptions:
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
     num_threads: int | None = None  # torch threads of a single-process engine; None: torch's default
+    model_name: str = "moe-serve"  # the `model` label of every metric
+    metrics_interval_s: float = 1.0  # how often worker stats are drained into metrics
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -79,6 +83,32 @@ class EngineDeployment:
                                vocab_size=ModelConfig.from_dir(options.model_dir).vocab_size)
         self._admit.set_max_batch_size(options.max_batch_size)
         self._admit.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.num_experts = ModelConfig.from_dir(options.model_dir).num_local_experts
+        self.metrics = ServingMetrics(options.model_name)
+        self._generated_seen = 0
+        self.engine.step_listeners.append(self._on_step)
+        self._reporter: asyncio.Task | None = None
+
+    def _on_step(self, stats: EngineStats) -> None:
+        self.metrics.observe_engine(stats, step_ran=True)
+        self.metrics.observe_tokens(stats.num_generated_tokens - self._generated_seen)
+        self._generated_seen = stats.num_generated_tokens
+
+    def _ensure_reporter(self) -> None:
+        if self.group is not None and (self._reporter is None or self._reporter.done()):
+            self._reporter = asyncio.get_running_loop().create_task(self._report_workers())
+
+    async def _report_workers(self) -> None:
+        """Drain the workers' data-plane counters into metrics, every metrics_interval_s."""
+        while True:
+            await asyncio.sleep(self.options.metrics_interval_s)
+            try:
+                stats = await asyncio.gather(*[w.dispatch_stats.remote() for w in self.group.workers])
+            except Exception as exc:  # a dead worker: the fault path reports it
+                log.warning("could not read worker stats: %s", type(exc).__name__)
+                continue
+            self.metrics.observe_workers(stats, self.num_experts)
+            self.metrics.observe_engine(self.engine.stats(), step_ran=False)
 
     @staticmethod
     def _build_local(options: EngineOptions):
@@ -111,6 +141,8 @@ class EngineDeployment:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream one request's outputs; cancelling the stream (client gone) aborts it."""
+        self._ensure_reporter()
+        timing = _RequestTiming(request.arrival_time)
         try:
             admitted = await self._admit(request)
         except asyncio.CancelledError:
@@ -118,14 +150,28 @@ class EngineDeployment:
             raise
         if isinstance(admitted, Exception):
             raise admitted  # a ValueError: this request can never fit
+        last: RequestOutput | None = None
         try:
             while True:
                 out = await admitted.get()
+                timing.saw(out)
+                last = out
                 yield out
                 if out.finished:
                     return
         finally:
             self.engine.abort(request.request_id)  # a no-op once finished
+            self._record(timing, last)
+
+    def _record(self, timing: _RequestTiming, last: RequestOutput | None) -> None:
+        outcome = last.finish_reason if last is not None and last.finished else "abort"
+        self.metrics.observe_request(
+            outcome=outcome or "abort",
+            num_prompt_tokens=last.num_prompt_tokens if last else 0,
+            num_output_tokens=last.num_output_tokens if last else 0,
+            ttft_s=timing.ttft_s, inter_token_s=timing.gaps_s, e2e_s=time.time() - timing.arrival,
+            queue_s=timing.queue_s,
+        )
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue | ValueError]:
@@ -169,3 +215,26 @@ class EngineDeployment:
                 group.shutdown()
             except Exception:  # Ray may be going down with us
                 pass
+
+
+class _RequestTiming:
+    """Wall-clock marks of one request, for TTFT, inter-token latency and queue time."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.ttft_s: float | None = None
+        self.queue_s: float | None = None
+        self.gaps_s: list[float] = []
+        self._last_token: float | None = None
+
+    def saw(self, out: RequestOutput) -> None:
+        now = time.time()
+        if out.scheduled_time is not None and self.queue_s is None:
+            self.queue_s = max(out.scheduled_time - self.arrival, 0.0)
+        if not out.token_ids:
+            return
+        if self._last_token is None:
+            self.ttft_s = now - self.arrival
+        else:
+            self.gaps_s.append(now - self._last_token)
+        self._last_token = now
