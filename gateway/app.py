@@ -47,6 +47,9 @@ class ServeOptions:
     num_kv_blocks: int = 1024  # per attention worker
     use_gpus: bool = False
     num_cpus_per_worker: float = 0.25  # each worker, and the engine replica itself
+    placement_strategy: str = "PACK"  # of a model group's bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    attention_resources: Mapping[str, float] = field(default_factory=dict)  # steer to a node pool
+    expert_resources: Mapping[str, float] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -84,7 +87,9 @@ class ServeOptions:
             return None
         return TopologyConfig(num_attention_workers=self.num_attention_workers,
                               num_expert_workers=self.num_expert_workers, use_gpus=self.use_gpus,
-                              num_cpus_per_worker=self.num_cpus_per_worker)
+                              num_cpus_per_worker=self.num_cpus_per_worker, strategy=self.placement_strategy,
+                              attention_resources=dict(self.attention_resources),
+                              expert_resources=dict(self.expert_resources))
 
     def engine_options(self) -> EngineOptions:
         engine = EngineConfig(max_num_seqs=self.max_num_seqs,

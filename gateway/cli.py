@@ -71,6 +71,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=0.25,
                         help="CPUs Ray reserves per worker and for the engine replica (default 0.25)")
     parser.add_argument("--engine-replicas", type=int, default=1, help="model groups (default 1)")
+    parser.add_argument("--placement-strategy", default="PACK",
+                        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                        help="how a model group's workers are placed over nodes (default PACK)")
+    parser.add_argument("--attention-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                        help="custom Ray resource each attention worker needs, to steer it to a node pool "
+                             "(repeatable), e.g. moe_attention=1")
+    parser.add_argument("--expert-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                        help="custom Ray resource each expert worker needs (repeatable), e.g. moe_expert=1")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP and gRPC bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
@@ -100,11 +108,29 @@ def run_serve(args: argparse.Namespace) -> int:
             num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas,
             api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
             host=args.host, port=args.port, grpc_port=args.grpc_port,
+            placement_strategy=args.placement_strategy,
+            attention_resources=parse_resources(args.attention_resource),
+            expert_resources=parse_resources(args.expert_resource),
         )
     except (ValueError, FileExistsError) as exc:
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2
     return serve(options, address=args.address)
+
+
+def parse_resources(items: list[str]) -> dict[str, float]:
+    """["moe_expert=1", ...] → {"moe_expert": 1.0}."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, amount = item.partition("=")
+        try:
+            value = float(amount) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"bad resource {item!r}: expected NAME=AMOUNT") from None
+        if not name or value <= 0:
+            raise ValueError(f"bad resource {item!r}: expected NAME=AMOUNT with AMOUNT > 0")
+        out[name] = value
+    return out
 
 
 # Subcommands in the order `--help` lists them. `serve` (and `bench`) register here, each as an
