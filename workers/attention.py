@@ -5,7 +5,8 @@ S sequences, C context length (keys visible to a query).
 
 Decode tokens of all sequences are attended in one padded batch; prefill chunks run one
 sequence at a time (their query blocks differ in length, and a chunk is large enough
-that the per-sequence call is not the bottleneck).
+that the per-sequence call is not the bottleneck). Which cache slots each query reads and
+which keys it may see come from the step's metadata, built once and shared by all layers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.attention_metadata import AttentionMetadata
+from workers.attention_metadata import AttentionMetadata, DecodeBatch, PrefillChunk
 from workers.kv_cache import KVCache
 from workers.rope import apply_rope
 
@@ -26,18 +27,6 @@ class AttentionWeights:
     wk: torch.Tensor  # [G*D, H]
     wv: torch.Tensor  # [G*D, H]
     wo: torch.Tensor  # [H, Q*D]
-
-
-def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """True where a query at q_pos may attend a key at k_pos (causal, and inside the window).
-
-    HF's Mixtral window lets a token see itself and the `sliding_window - 1` before it.
-    """
-    diff = q_pos[..., :, None] - k_pos[..., None, :]
-    mask = diff >= 0
-    if sliding_window is not None:
-        mask &= diff < sliding_window
-    return mask
 
 
 def attention(
@@ -61,49 +50,30 @@ def attention(
     kv_cache.write(layer, meta.slot_mapping_T, k_TGD, v_TGD)
 
     out_TQD = torch.empty_like(q_TQD)
-    decode_rows = [i for i, e in enumerate(meta.extents) if e.query_len == 1]
-    if decode_rows:
-        _attend_decode(q_TQD, out_TQD, decode_rows, layer, meta, kv_cache, sliding_window)
-    for i, ext in enumerate(meta.extents):
-        if ext.query_len > 1:
-            _attend_prefill(q_TQD, out_TQD, i, layer, meta, kv_cache, sliding_window)
+    decode = meta.decode_batch(sliding_window)
+    if decode is not None:
+        _attend_decode(q_TQD, out_TQD, decode, kv_cache, layer)
+    for chunk in meta.prefill_chunks(sliding_window):
+        _attend_prefill(q_TQD, out_TQD, chunk, kv_cache, layer)
     return F.linear(out_TQD.reshape(T, num_heads * head_dim), w.wo)
 
 
-def _context_slots(block_table: tuple[int, ...], context_len: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(context_len)
-    blocks = torch.tensor(block_table, dtype=torch.long)[pos // block_size]
-    return blocks * block_size + pos % block_size
-
-
-def _attend_prefill(q_TQD, out_TQD, i, layer, meta, kv_cache, sliding_window) -> None:
-    ext, start = meta.extents[i], meta.query_starts[i]
-    rows = slice(start, start + ext.query_len)
-    k_CGD, v_CGD = kv_cache.gather(layer, _context_slots(ext.block_table, ext.context_len, meta.block_size))
-    mask = visible_mask(meta.positions_T[rows], torch.arange(ext.context_len), sliding_window)
+def _attend_prefill(q_TQD: torch.Tensor, out_TQD: torch.Tensor, chunk: PrefillChunk, kv_cache: KVCache,
+                    layer: int) -> None:
+    k_CGD, v_CGD = kv_cache.gather(layer, chunk.slots_C)
     o = F.scaled_dot_product_attention(
-        q_TQD[rows].transpose(0, 1), k_CGD.transpose(0, 1), v_CGD.transpose(0, 1),
-        attn_mask=mask, enable_gqa=True,
+        q_TQD[chunk.rows].transpose(0, 1), k_CGD.transpose(0, 1), v_CGD.transpose(0, 1),
+        attn_mask=chunk.mask_LC, enable_gqa=True,
     )
-    out_TQD[rows] = o.transpose(0, 1)
+    out_TQD[chunk.rows] = o.transpose(0, 1)
 
 
-def _attend_decode(q_TQD, out_TQD, decode_rows, layer, meta, kv_cache, sliding_window) -> None:
-    exts = [meta.extents[i] for i in decode_rows]
-    rows = torch.tensor([meta.query_starts[i] for i in decode_rows], dtype=torch.long)
-    max_ctx = max(e.context_len for e in exts)
-    # Pad every context to the longest; padded keys point at slot 0 and are masked out.
-    slots_SC = torch.zeros(len(exts), max_ctx, dtype=torch.long)
-    for s, e in enumerate(exts):
-        slots_SC[s, : e.context_len] = _context_slots(e.block_table, e.context_len, meta.block_size)
-    k_SCGD, v_SCGD = kv_cache.gather(layer, slots_SC)
-    ctx_S = torch.tensor([e.context_len for e in exts])
-    k_pos = torch.arange(max_ctx)
-    mask_SC = visible_mask(ctx_S[:, None] - 1, k_pos[None, :].expand(len(exts), -1), sliding_window)[:, 0, :]
-    mask_SC &= k_pos[None, :] < ctx_S[:, None]
-    q_SQ1D = q_TQD[rows][:, :, None, :]
+def _attend_decode(q_TQD: torch.Tensor, out_TQD: torch.Tensor, decode: DecodeBatch, kv_cache: KVCache,
+                   layer: int) -> None:
+    k_SCGD, v_SCGD = kv_cache.gather(layer, decode.slots_SC)
+    q_SQ1D = q_TQD[decode.rows_S][:, :, None, :]
     o_SQ1D = F.scaled_dot_product_attention(
         q_SQ1D, k_SCGD.transpose(1, 2), v_SCGD.transpose(1, 2),
-        attn_mask=mask_SC[:, None, None, :], enable_gqa=True,
+        attn_mask=decode.mask_SC[:, None, None, :], enable_gqa=True,
     )
-    out_TQD[rows] = o_SQ1D[:, :, 0, :]
+    out_TQD[decode.rows_S] = o_SQ1D[:, :, 0, :]

@@ -1,9 +1,10 @@
 """experts: the third MoE stage. SwiGLU experts `w2(silu(w1 x) * w3 x)`, grouped.
 
 `grouped_experts` expects rows already sorted by expert (dispatch does that) and runs two
-matmuls per expert that received tokens: one for the fused w1|w3 projection, one for w2.
-Experts with no tokens cost nothing. `reference_experts` is the slow, obviously-correct
-per-expert loop over unsorted tokens that the grouped path is tested against.
+matmuls per expert that received tokens: one for the fused w1|w3 projection, one for w2,
+each through a weight packed once at load (linear.py). Experts with no tokens cost nothing.
+`reference_experts` is the slow, obviously-correct per-expert loop over unsorted tokens,
+on the plain weights with `F.linear`, that the grouped path is tested against.
 
 Shapes: N dispatched rows, T tokens, H hidden, F intermediate, E experts, K top-k.
 """
@@ -11,11 +12,13 @@ Shapes: N dispatched rows, T tokens, H hidden, F intermediate, E experts, K top-
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from workers.linear import PackedLinear
 
 
 class ExpertTensorsLike(Protocol):
@@ -26,11 +29,21 @@ class ExpertTensorsLike(Protocol):
 
 @dataclass(frozen=True)
 class LayerExperts:
-    """The experts of one layer that live in this process, stacked in `expert_ids` order."""
+    """The experts of one layer that live in this process, stacked in `expert_ids` order.
+
+    The stacks are the plain weights (the reference path reads them); `w13` and `w2` are the
+    same weights packed per expert when built, for the grouped path. Pickling repacks them.
+    """
 
     expert_ids: tuple[int, ...]
     w13_EFH: torch.Tensor  # [E_local, 2F, H]: w1 rows then w3 rows
     w2_EHF: torch.Tensor  # [E_local, H, F]
+    w13: tuple[PackedLinear, ...] = field(init=False, repr=False, compare=False)
+    w2: tuple[PackedLinear, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "w13", tuple(PackedLinear.pack(w) for w in self.w13_EFH))
+        object.__setattr__(self, "w2", tuple(PackedLinear.pack(w) for w in self.w2_EHF))
 
     @property
     def intermediate_size(self) -> int:
@@ -47,9 +60,14 @@ class LayerExperts:
 
 
 def swiglu(x_NH: torch.Tensor, w13_FH: torch.Tensor, w2_HF: torch.Tensor) -> torch.Tensor:
-    gate_up = F.linear(x_NH, w13_FH)
-    gate, up = gate_up.chunk(2, dim=-1)
+    """The reference SwiGLU: plain weights, plain `F.linear`."""
+    gate, up = F.linear(x_NH, w13_FH).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, w2_HF)
+
+
+def packed_swiglu(x_NH: torch.Tensor, w13: PackedLinear, w2: PackedLinear) -> torch.Tensor:
+    gate, up = w13(x_NH).chunk(2, dim=-1)
+    return w2(F.silu(gate) * up)
 
 
 def grouped_experts(x_NH: torch.Tensor, counts: list[int], experts: LayerExperts) -> torch.Tensor:
@@ -60,7 +78,7 @@ def grouped_experts(x_NH: torch.Tensor, counts: list[int], experts: LayerExperts
     start = 0
     for i, n in enumerate(counts):
         if n:
-            out_NH[start:start + n] = swiglu(x_NH[start:start + n], experts.w13_EFH[i], experts.w2_EHF[i])
+            out_NH[start:start + n] = packed_swiglu(x_NH[start:start + n], experts.w13[i], experts.w2[i])
         start += n
     return out_NH
 

@@ -56,4 +56,4 @@ class MixtralModel:
     @torch.inference_mode()
     def logits(self, hidden_SH: torch.Tensor) -> torch.Tensor:
         """fp32 logits, [S, V]: sampling and logprobs want full precision."""
-        return F.linear(hidden_SH, self.weights.lm_head_VH).float()
+        return self.weights.lm_head(hidden_SH).float()

@@ -8,13 +8,14 @@ names, so the checkpoint layout is known in one place (weight_names.py).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from workers.attention import AttentionWeights
 from workers.config import ModelConfig
 from workers.experts import ExpertTensorsLike, LayerExperts
+from workers.linear import PackedLinear
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class AttentionSideWeights:
     layers: tuple[DecoderLayerWeights, ...]
     norm_H: torch.Tensor
     lm_head_VH: torch.Tensor
+    lm_head: PackedLinear = field(init=False, repr=False, compare=False)  # lm_head_VH, packed once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lm_head", PackedLinear.pack(self.lm_head_VH))
 
     @classmethod
     def from_state(cls, cfg: ModelConfig, state: Mapping[str, torch.Tensor]) -> AttentionSideWeights:
@@ -48,7 +53,8 @@ class AttentionSideWeights:
             ))
         embed = state["model.embed_tokens.weight"]
         lm_head = embed if cfg.tie_word_embeddings else state["lm_head.weight"]
-        return cls(embed_VH=embed, layers=tuple(layers), norm_H=state["model.norm.weight"], lm_head_VH=lm_head)
+        return cls(embed_VH=embed, layers=tuple(layers), norm_H=state["model.norm.weight"],
+                   lm_head_VH=lm_head)
 
 
 def experts_by_layer(experts: Mapping[tuple[int, int], ExpertTensorsLike]) -> dict[int, LayerExperts]:
