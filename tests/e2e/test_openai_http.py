@@ -304,3 +304,20 @@ def test_api_key(keyed_server):
     # Probes carry no key.
     assert httpx.get(f"{keyed_server.url}/health").status_code == 200
     assert httpx.get(f"{keyed_server.url}/ready").status_code == 200
+
+
+def test_greedy_completion_equals_transformers_generate(client, openai_server, tokenizer, demo_model_dir):
+    """The oracle nobody here wrote: HF generate on the same checkpoint, through the whole gateway."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
+    for text in ("The river runs", "Seven plus five is"):
+        prompt_ids = tokenizer.encode(text)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+        got = client.completions.create(model=openai_server.model_name, prompt=prompt_ids, max_tokens=12,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert got.choices[0].text == tokenizer.decode(ref)
+        assert got.usage.completion_tokens == 12
