@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import hmac
 import math
 import time
 import uuid
@@ -33,6 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.request_output import RequestOutput
+from gateway.auth import bearer_key_matches
 from gateway.generation_request import GenerationRequest
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from workers.sampling_params import SamplingParams, SamplingParamsError
@@ -165,11 +165,8 @@ class GrpcMethods:
                                  arrival_time=time.time())
 
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
-        if self.api_key is None:
-            return
-        metadata = dict(grpc_context.invocation_metadata())
-        scheme, _, key = str(metadata.get("authorization", "")).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+        metadata = dict(grpc_context.invocation_metadata()) if self.api_key is not None else {}
+        if not bearer_key_matches(metadata.get("authorization"), self.api_key):
             raise GrpcError(grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
 

@@ -23,7 +23,6 @@ come from the `GrpcMethods` mixin, which uses `engine` (the engine deployment's 
 
 import asyncio
 import contextvars
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.request_output import RequestOutput
 from gateway import errors
+from gateway.auth import bearer_key_matches
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.engine_deployment import ModelInfo
 from gateway.generation_request import GenerationRequest
@@ -123,11 +123,7 @@ class Ingress(GrpcMethods):
 
     def authorize(self, request: Request) -> None:
         """Bearer key check; the key is compared in constant time and never logged or echoed."""
-        expected = self.api_key
-        if expected is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        if not bearer_key_matches(request.headers.get("authorization"), self.api_key):
             raise errors.unauthorized()
 
     async def engine_stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:

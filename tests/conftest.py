@@ -48,6 +48,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import sys
 
     if "ray" in sys.modules and _exit_status:
+        config.get_terminal_writer().flush()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status[-1])
