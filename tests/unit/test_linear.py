@@ -14,6 +14,13 @@ from workers.linear import ENV_VAR, MIN_PACKED_NUMEL, PackedLinear, _ops_work
 from workers.moe import moe_block
 from workers.router import route
 
+
+@pytest.fixture(autouse=True)
+def packing_on(monkeypatch):
+    """Whatever the caller's environment says; the one test of the switch turns it off itself."""
+    monkeypatch.setenv(ENV_VAR, "1")
+
+
 needs_ops = pytest.mark.skipif(not _ops_work(torch.float32), reason="this torch build cannot pack for oneDNN")
 ROW_COUNTS = (0, 1, 2, 3, 8, 17, 64)
 
