@@ -18,7 +18,6 @@ The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import math
 import time
 import uuid
@@ -33,6 +32,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.request_output import RequestOutput
 from gateway.auth import bearer_key_matches
+from gateway.engine_stream import EngineFailed, engine_outputs
 from gateway.generation_request import GenerationRequest
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from workers.sampling_params import SamplingParams, SamplingParamsError
@@ -186,34 +186,22 @@ class GrpcMethods:
         return ids
 
     async def _outputs(self, gen: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for `gen`, engine failures turned into `GrpcError`s.
-
-        Leaving early (the client cancelled, or timed out) aborts the engine request, so its
-        sequence and KV blocks are freed at once.
-        """
-        stream = self.engine.options(stream=True).generate.remote(gen)
+        """The engine's outputs for `gen`, engine failures turned into `GrpcError`s; leaving
+        early aborts the engine request (gateway/engine_stream.py)."""
         finished = False
         try:
-            async for out in stream:
-                if out.finish_reason == "error":
-                    raise GrpcError(grpc.StatusCode.UNAVAILABLE, out.error or "the engine failed the request")
-                finished = out.finished
-                yield out
+            async with aclosing(engine_outputs(self.engine, gen)) as outputs:
+                async for out in outputs:
+                    finished = out.finished
+                    yield out
+        except EngineFailed as exc:
+            raise GrpcError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
         except GrpcError:
             raise
         except Exception as exc:
             raise engine_error(exc) from exc
-        finally:
-            if not finished:
-                stream.cancel()  # the engine replica's generator aborts the sequence when cancelled
-                self._abort(gen.request_id)  # in case the cancel raced admission
         if not finished:
             raise GrpcError(grpc.StatusCode.UNAVAILABLE, "the engine ended the request without finishing it")
-
-    def _abort(self, request_id: str) -> None:
-        # Called from an empty context: Serve cancels the calls a cancelled request made while it
-        # is being cancelled, and that is exactly when this one is made.
-        contextvars.Context().run(self.engine.abort.remote, request_id)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:

@@ -22,7 +22,6 @@ come from the `GrpcMethods` mixin, which uses `engine` (the engine deployment's 
 # globals their code uses, where string annotations ("Request", "CompletionRequest") cannot resolve.
 
 import asyncio
-import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -42,6 +41,7 @@ from gateway import errors
 from gateway.auth import bearer_key_matches
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.engine_deployment import ModelInfo
+from gateway.engine_stream import EngineFailed, engine_outputs
 from gateway.generation_request import GenerationRequest
 from gateway.grpc_methods import GrpcMethods
 from gateway.merge_streams import merge_streams
@@ -127,26 +127,17 @@ class Ingress(GrpcMethods):
             raise errors.unauthorized()
 
     async def engine_stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """One engine request's outputs. Engine failures become `APIError`s; closing the stream
-        early (client gone) cancels the replica-side generator, which aborts the sequence."""
-        response = self.engine.options(stream=True).generate.remote(request)
-        finished = False
+        """One engine request's outputs, engine failures as `APIError`s (gateway/engine_stream.py)."""
         try:
-            async for out in response:
-                if out.error is not None:
-                    raise errors.service_unavailable(f"The engine failed the request: {out.error}")
-                finished = out.finished
-                yield out
+            async with aclosing(engine_outputs(self.engine, request)) as outputs:
+                async for out in outputs:
+                    yield out
+        except EngineFailed as exc:
+            raise errors.service_unavailable(f"The engine failed the request: {exc}") from None
         except (BackPressureError, DeploymentUnavailableError, RayActorError) as exc:
             raise errors.service_unavailable(f"The engine is not available: {type(exc).__name__}.") from None
         except ValueError as exc:  # admission refused it (Ray re-raises it as RayTaskError(ValueError))
             raise errors.bad_request(str(getattr(exc, "cause", None) or exc)) from None
-        finally:
-            if not finished:
-                response.cancel()
-                # In case the cancel raced admission. From an empty context: Serve cancels the calls
-                # a request makes while it is being cancelled, and that is exactly when this runs.
-                contextvars.Context().run(self.engine.abort.remote, request.request_id)
 
     # -- routes ---------------------------------------------------------------------------------
 

@@ -43,12 +43,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     # After a session that ran Ray Serve and gRPC clients, their native threads can crash
     # CPython's interpreter finalisation (a segfault after the summary line, which would turn a
-    # green run red). Every report is written by now: leave with pytest's own status instead.
-    import os
+    # green run red). At exit, once pytest has written everything, leave with its own status.
+    import atexit
     import sys
 
     if "ray" in sys.modules and _exit_status:
-        config.get_terminal_writer().flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(_exit_status[-1])
+        atexit.register(_exit_now, _exit_status[-1])
+
+
+def _exit_now(status: int) -> None:
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
