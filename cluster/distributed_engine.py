@@ -9,9 +9,10 @@ from pathlib import Path
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.placement import place_experts
+from cluster.recovery_policy import RecoveryPolicy
 from cluster.text_io import load_text_io
 from cluster.topology import TopologyConfig
-from cluster.worker_group import GroupPlacement, RayWorkerGroup
+from cluster.worker_group import DEFAULT_STEP_TIMEOUT_S, GroupPlacement, RayWorkerGroup
 from workers.config import ModelConfig
 from workers.group_spec import GroupSpec
 
@@ -22,7 +23,13 @@ class ExpertParallelConfig:
     capacity_factor: float | None = None  # None: dropless (exact)
     dtype: str = "float32"
     num_threads: int = 1
-    collective_timeout_s: float = 120.0
+    collective_timeout_s: float = 120.0  # gloo/nccl: a collective with a dead peer errors after this
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the watchdog: a step taking longer is a stalled worker
+    recovery: RecoveryPolicy = field(default_factory=RecoveryPolicy)
+
+    def __post_init__(self) -> None:
+        if self.step_timeout_s <= 0 or self.collective_timeout_s <= 0:
+            raise ValueError("step_timeout_s and collective_timeout_s must be > 0")
 
 
 def build_group_spec(model_dir: str | Path, engine_cfg: EngineConfig, topology: TopologyConfig,
@@ -46,9 +53,9 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     if engine_cfg.num_attention_workers != topology.num_attention_workers:
         raise ValueError("engine config and topology disagree on the number of attention workers")
     spec = build_group_spec(model_dir, engine_cfg, topology, ep)
-    group = RayWorkerGroup(spec, topology, placement)
+    group = RayWorkerGroup(spec, topology, placement, step_timeout_s=ep.step_timeout_s)
     cfg = ModelConfig.from_dir(model_dir)
     tokenizer, eos = load_text_io(model_dir, cfg)
     engine = Engine(group, engine_cfg, max_model_len=cfg.max_position_embeddings, eos_token_ids=eos,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, recovery=ep.recovery)
     return engine, group

@@ -6,6 +6,14 @@ its own scheduler and KV block manager, since a sequence's KV cache lives on exa
 worker; every step asks each scheduler for a batch, has the executor run all of them as
 one lock-step model step, then appends the sampled tokens, checks stop conditions and
 streams the new tokens to their requests.
+
+Worker faults (DESIGN.md §5): when the executor raises `WorkerFailed`, the step is dropped,
+every running sequence goes back to the waiting queue (the KV caches are gone with the
+workers), the executor replaces its workers, and the loop carries on: the next steps
+prefill those sequences again from prompt + generated ids, so a greedy continuation is the
+one it would have been. Streams pause meanwhile. When the recovery policy refuses, or the
+recovery itself fails, every request ends with an explicit error and the engine turns
+unhealthy for good: new requests get the same error at once.
 """
 
 from __future__ import annotations
@@ -20,10 +28,13 @@ from dataclasses import dataclass, field
 from cluster.block_manager import BlockManager
 from cluster.engine_config import EngineConfig
 from cluster.executor import Executor
+from cluster.recovery_event import RecoveryEvent
+from cluster.recovery_policy import RecoveryPolicy
 from cluster.request_output import EngineStats, RequestOutput
 from cluster.scheduler import Scheduler
 from cluster.sequence import FinishReason, Sequence
 from cluster.stop_checker import StopChecker
+from cluster.worker_fault import WorkerFailed, WorkerFault
 from workers.batch_spec import ScheduledBatch
 from workers.sampling_params import SamplingParams
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -44,7 +55,8 @@ class _Request:
 
 class Engine:
     def __init__(self, executor: Executor, config: EngineConfig, *, max_model_len: int,
-                 eos_token_ids: tuple[int, ...] = (), tokenizer: Tokenizer | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] = (), tokenizer: Tokenizer | None = None,
+                 recovery: RecoveryPolicy | None = None) -> None:
         if executor.num_attention_workers != config.num_attention_workers:
             raise ValueError(f"executor has {executor.num_attention_workers} attention workers, "
                              f"config says {config.num_attention_workers}")
@@ -67,6 +79,17 @@ class Engine:
         self._last_step_seconds = 0.0
         self._num_generated = 0
         self.step_listeners: list[Callable[[EngineStats], None]] = []  # e.g. the metrics recorder
+        self.recovery = recovery or RecoveryPolicy()
+        self.recovery_listeners: list[Callable[[RecoveryEvent], None]] = []
+        self._recovery_times: list[float] = []  # time.monotonic() of each recovery attempt
+        self._num_worker_faults = 0
+        self._num_recoveries = 0
+        self.unhealthy_reason: str | None = None  # set once, when the engine gives up
+
+    @property
+    def healthy(self) -> bool:
+        """False once a worker fault could not be recovered: every request then fails at once."""
+        return self.unhealthy_reason is None
 
     @property
     def max_model_len(self) -> int:
@@ -97,6 +120,11 @@ class Engine:
         rank = self._pick_rank()
         seq = Sequence(seq_id=next(self._seq_ids), prompt_ids=list(prompt_ids), sampling=params,
                        arrival_time=time.monotonic())
+        if not self.healthy:  # an explicit error now beats a request nobody will ever step
+            req = _Request(request_id, seq, rank, StopChecker(params, self.eos_token_ids, self.max_model_len),
+                           None)
+            self._finish(req, "error", emit=True, error=self.unhealthy_reason)
+            return req
         self.schedulers[rank].add(seq)  # raises ValueError when it can never fit
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer else None
         stop = StopChecker(params, self.eos_token_ids, self.max_model_len)
@@ -149,7 +177,11 @@ class Engine:
                 if req is not None and req.scheduled_time is None:
                     req.scheduled_time = now
         t0 = time.perf_counter()
-        outputs = await self.executor.execute(batches)
+        try:
+            outputs = await self.executor.execute(batches)
+        except WorkerFailed as exc:
+            await self._recover(exc.fault)
+            return  # the loop schedules again: lost sequences prefill, the rest of the step re-runs
         self._last_step_seconds = time.perf_counter() - t0
         self._last_step_tokens = sum(b.num_tokens for b in batches)
         self._num_steps += 1
@@ -202,6 +234,49 @@ class Engine:
             self.schedulers[req.rank].abort(req.seq.seq_id)
             self._finish(req, "error", emit=True, error=message)
 
+    # -- worker faults ----------------------------------------------------------------------
+
+    async def _recover(self, fault: WorkerFault) -> None:
+        """Replace the executor's workers and requeue what lost its KV cache, or give up."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        self._num_worker_faults += 1
+        log.error("engine step failed: %s", fault.describe())
+        num_requeued = sum(len(s.requeue_running()) for s in self.schedulers)
+        if not self.recovery.may_recover(self._recovery_times, now):
+            why = (f"{self.recovery.max_recoveries} recoveries within {self.recovery.window_s:g}s "
+                   f"already; not trying again")
+            self._give_up(fault, why)
+            self._emit(RecoveryEvent(fault, "refused", time.perf_counter() - t0, (), num_requeued, why))
+            return
+        self._recovery_times.append(now)
+        log.warning("recovering: restarting the model group, %d sequences will prefill again", num_requeued)
+        try:
+            kinds = await self.executor.recover(fault, self.recovery.timeout_s)
+        except Exception as exc:  # no resources, a worker that cannot start, a timeout
+            why = f"recovery failed: {type(exc).__name__}: {exc}"
+            log.exception("engine recovery failed")
+            self._give_up(fault, why)
+            self._emit(RecoveryEvent(fault, "failed", time.perf_counter() - t0, (), num_requeued, why))
+            return
+        self._num_recoveries += 1
+        seconds = time.perf_counter() - t0
+        log.warning("recovered in %.2fs (%d workers restarted) from: %s", seconds, len(kinds),
+                    fault.describe())
+        self._emit(RecoveryEvent(fault, "recovered", seconds, tuple(kinds), num_requeued))
+
+    def _give_up(self, fault: WorkerFault, why: str) -> None:
+        self.unhealthy_reason = f"engine unavailable: {fault.describe()}; {why}"
+        log.error("%s", self.unhealthy_reason)
+        self._fail_all(self.unhealthy_reason)
+
+    def _emit(self, event: RecoveryEvent) -> None:
+        for listener in self.recovery_listeners:
+            try:
+                listener(event)
+            except Exception:  # metrics must never take the engine down
+                log.exception("recovery listener failed")
+
     # -- observability ----------------------------------------------------------------------
 
     def stats(self) -> EngineStats:
@@ -215,6 +290,9 @@ class Engine:
             last_step_tokens=self._last_step_tokens,
             last_step_seconds=self._last_step_seconds,
             num_generated_tokens=self._num_generated,
+            num_worker_faults=self._num_worker_faults,
+            num_recoveries=self._num_recoveries,
+            healthy=self.healthy,
         )
 
     async def shutdown(self) -> None:

@@ -2,7 +2,8 @@
 
 `LocalExecutor` runs the single-process model in a thread so the engine's event loop stays
 free to accept and stream requests while a step computes. The Ray executor (the worker
-group) implements the same two members.
+group) implements the same members; only it has workers that can fail (`WorkerFailed` from
+`execute`), and `recover` replaces them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from cluster.worker_fault import WorkerFault
 from workers.batch_spec import ScheduledBatch
 from workers.model_runner import ModelRunner
 from workers.step_output import StepOutput
@@ -19,6 +21,10 @@ class Executor(Protocol):
     num_attention_workers: int
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]: ...
+
+    async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
+        """Replace failed workers within timeout_s; returns the kind of each worker restarted."""
+        ...
 
 
 class LocalExecutor:
@@ -30,3 +36,6 @@ class LocalExecutor:
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         (batch,) = batches
         return (await asyncio.to_thread(self.runner.execute, batch),)
+
+    async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
+        raise RuntimeError("the single-process executor has no workers to recover")

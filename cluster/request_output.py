@@ -30,3 +30,6 @@ class EngineStats:
     last_step_tokens: int
     last_step_seconds: float
     num_generated_tokens: int  # since start
+    num_worker_faults: int = 0  # since start: steps that failed because of a worker
+    num_recoveries: int = 0  # since start: faults the engine recovered from
+    healthy: bool = True  # False once a fault could not be recovered (the engine fails everything)

@@ -7,7 +7,9 @@
 deployments' options and their Ray resources. An engine replica with expert workers reserves
 its whole model group through its placement group: bundle 0 for the replica itself, then one
 bundle per worker (`cluster.topology.worker_bundles`). With no expert workers the whole model
-runs inside the engine replica (the single-process engine).
+runs inside the engine replica (the single-process engine). With `autoscaling` set, Serve adds and
+removes engine replicas, so whole model groups (gateway/autoscaling.py); a replica it removes is
+drained first (`graceful_shutdown_*`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from ray import serve
 
 from cluster.distributed_engine import ExpertParallelConfig
 from cluster.engine_config import EngineConfig
+from cluster.recovery_policy import RecoveryPolicy
 from cluster.topology import TopologyConfig, worker_bundles
+from cluster.worker_group import DEFAULT_STEP_TIMEOUT_S
+from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS
+from gateway.autoscaling import AutoscalingOptions
 from gateway.engine_deployment import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
@@ -56,10 +62,26 @@ class ServeOptions:
     grpc_port: int = 9000
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE  # admission batch of an engine replica
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
-    num_engine_replicas: int = 1  # model groups
+    num_engine_replicas: int = 1  # model groups (fixed; see `autoscaling`)
+    autoscaling: AutoscalingOptions | None = None  # set: Serve scales the model groups
+    # Scale-down (and redeploy) drains a replica: Serve stops routing to it and checks every
+    # wait_loop_s whether its streams are done, killing it after timeout_s at the latest.
+    graceful_shutdown_timeout_s: float = 60.0
+    graceful_shutdown_wait_loop_s: float = 1.0
     num_ingress_replicas: int = 1
     max_ongoing_requests: int = 256  # per replica; a stream counts until it ends
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Overload and time (gateway/admission.py, gateway/deadline.py): requests waiting per engine
+    # replica before new ones get 429 (and as many queued at the engine's handle before 503), and
+    # every request's deadline (None: none unless the client sends X-Request-Timeout).
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    request_timeout_s: float | None = None
+    # Worker faults (cluster/worker_group.py, cluster/recovery_policy.py): a step taking longer than
+    # step_timeout_s counts as a stalled worker; at most max_recoveries restarts of the model group
+    # within recovery_window_s, then every request fails with 503 and /ready turns red.
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    max_recoveries: int = 3
+    recovery_window_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.num_expert_workers < 0:
@@ -70,6 +92,9 @@ class ServeOptions:
         for name in ("num_engine_replicas", "num_ingress_replicas", "max_ongoing_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("port", "grpc_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be a TCP port, got {getattr(self, name)}")
@@ -96,18 +121,20 @@ class ServeOptions:
                               max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, self.max_num_seqs),
                               num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
                               num_attention_workers=self.num_attention_workers)
-        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), dtype=self.dtype)
+        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), dtype=self.dtype,
+                                  step_timeout_s=self.step_timeout_s,
+                                  recovery=RecoveryPolicy(self.max_recoveries, self.recovery_window_s))
         return EngineOptions(
             model_name=self.served_model_name,
             model_dir=str(Path(self.model_dir).resolve()), engine=engine, topology=self.topology(),
             expert_parallel=ep, max_batch_size=self.max_batch_size,
-            batch_wait_timeout_s=self.batch_wait_timeout_s,
+            batch_wait_timeout_s=self.batch_wait_timeout_s, max_queued_requests=self.max_queued_requests,
         )
 
     def ingress_options(self) -> IngressOptions:
         return IngressOptions(model_dir=str(Path(self.model_dir).resolve()),
                               model_name=self.served_model_name, api_key=self.api_key,
-                              max_body_bytes=self.max_body_bytes)
+                              max_body_bytes=self.max_body_bytes, request_timeout_s=self.request_timeout_s)
 
 
 def build_app(options: ServeOptions) -> serve.Application:
@@ -118,9 +145,15 @@ def build_app(options: ServeOptions) -> serve.Application:
         "placement_group_bundles": [replica_bundle, *worker_bundles(topology)],
         "placement_group_strategy": topology.strategy,
     }
+    # Serve takes either a fixed replica count or an autoscaling config, never both.
+    replicas = ({"num_replicas": options.num_engine_replicas} if options.autoscaling is None
+                else {"autoscaling_config": options.autoscaling.serve_config()})
     engine = EngineDeployment.options(
-        num_replicas=options.num_engine_replicas, max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.num_cpus_per_worker}, **group,
+        max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
+        ray_actor_options={"num_cpus": options.num_cpus_per_worker},
+        graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=options.graceful_shutdown_wait_loop_s,
+        **replicas, **group,
     ).bind(engine_options)
     return Ingress.options(
         num_replicas=options.num_ingress_replicas, max_ongoing_requests=options.max_ongoing_requests,

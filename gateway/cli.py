@@ -70,7 +70,15 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU only)")
     parser.add_argument("--cpus-per-worker", type=float, default=0.25,
                         help="CPUs Ray reserves per worker and for the engine replica (default 0.25)")
-    parser.add_argument("--engine-replicas", type=int, default=1, help="model groups (default 1)")
+    parser.add_argument("--engine-replicas", type=int, default=None,
+                        help="model groups, fixed (default 1); see --max-replicas to autoscale instead")
+    add_autoscaling_arguments(parser)
+    parser.add_argument("--step-timeout-s", type=float, default=None,
+                        help="a model step taking longer counts as a stalled worker and triggers recovery "
+                             "(default 60)")
+    parser.add_argument("--max-recoveries", type=int, default=None,
+                        help="model-group restarts allowed within 5 minutes after worker faults; past that "
+                             "requests fail with 503 and /ready turns red (default 3)")
     parser.add_argument("--placement-strategy", default="PACK",
                         choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                         help="how a model group's workers are placed over nodes (default PACK)")
@@ -105,10 +113,14 @@ def run_serve(args: argparse.Namespace) -> int:
             num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers,
             expert_replicas=parse_expert_replicas(args.expert_replicas), dtype=args.dtype,
             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, use_gpus=args.gpus,
-            num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas,
+            num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas or 1,
+            autoscaling=autoscaling_from_args(args),
+            graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
             api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
             host=args.host, port=args.port, grpc_port=args.grpc_port,
             placement_strategy=args.placement_strategy,
+            **{name: value for name, value in (("step_timeout_s", args.step_timeout_s),
+                                               ("max_recoveries", args.max_recoveries)) if value is not None},
             attention_resources=parse_resources(args.attention_resource),
             expert_resources=parse_resources(args.expert_resource),
         )
@@ -116,6 +128,51 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2
     return serve(options, address=args.address)
+
+
+def add_autoscaling_arguments(parser: argparse.ArgumentParser) -> None:
+    from gateway.autoscaling import AutoscalingOptions  # dataclasses only: --help stays instant
+
+    d = AutoscalingOptions()
+    group = parser.add_argument_group(
+        "autoscaling", "Given --max-replicas, Serve adds and removes whole model groups (engine replicas) "
+                       "to keep about --target-ongoing-requests streams on each; a removed group is "
+                       "drained first (--graceful-shutdown-timeout-s).")
+    group.add_argument("--max-replicas", type=int, default=None,
+                       help="autoscale the engine deployment up to this many model groups (default: off)")
+    group.add_argument("--min-replicas", type=int, default=None,
+                       help=f"fewest model groups while autoscaling (default {d.min_replicas})")
+    group.add_argument("--target-ongoing-requests", type=float, default=None,
+                       help="concurrent requests per model group to aim for "
+                            f"(default {d.target_ongoing_requests:g})")
+    group.add_argument("--upscale-delay-s", type=float, default=None,
+                       help="demand must stay above target this long before a group is added "
+                            f"(default {d.upscale_delay_s:g})")
+    group.add_argument("--downscale-delay-s", type=float, default=None,
+                       help="... and below it this long before one is removed "
+                            f"(default {d.downscale_delay_s:g})")
+    group.add_argument("--graceful-shutdown-timeout-s", type=float, default=60.0,
+                       help="how long a model group being removed may finish its streams (default 60)")
+
+
+AUTOSCALING_FLAGS = {"min_replicas": "--min-replicas", "target_ongoing_requests": "--target-ongoing-requests",
+                     "upscale_delay_s": "--upscale-delay-s", "downscale_delay_s": "--downscale-delay-s"}
+
+
+def autoscaling_from_args(args: argparse.Namespace):
+    """The autoscaling flags → AutoscalingOptions, or None (a fixed number of model groups)."""
+    from gateway.autoscaling import AutoscalingOptions
+
+    given = {name: getattr(args, name) for name in AUTOSCALING_FLAGS if getattr(args, name) is not None}
+    if args.max_replicas is None:
+        if given:
+            flags = ", ".join(AUTOSCALING_FLAGS[n] for n in given)
+            raise ValueError(f"{flags} only apply with --max-replicas")
+        return None
+    if args.engine_replicas is not None:
+        raise ValueError("--engine-replicas fixes the number of model groups; with --max-replicas "
+                         "use --min-replicas instead")
+    return AutoscalingOptions(max_replicas=args.max_replicas, **given)
 
 
 def parse_resources(items: list[str]) -> dict[str, float]:
@@ -133,11 +190,32 @@ def parse_resources(items: list[str]) -> dict[str, float]:
     return out
 
 
+def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
+    from gateway.bench.command import add_arguments  # standard library only: --help stays instant
+
+    parser = subparsers.add_parser(
+        "bench", help="load-test a running server over HTTP or gRPC (vLLM-style latency and throughput)",
+        description="Send generated or file prompts to a running moe-serve (or any OpenAI-compatible) "
+                    "server at a Poisson/gamma request rate or a fixed concurrency, and report completed "
+                    "and failed requests, request and token throughput, TTFT, TPOT, ITL and end-to-end "
+                    "latency percentiles and goodput under SLOs; optionally as JSON and a PNG plot.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gateway.bench.command import run_bench as bench
+
+    return bench(args)
+
+
 # Subcommands in the order `--help` lists them. `serve` (and `bench`) register here, each as an
 # `add_<name>_command` function like the one above.
 COMMANDS = (
     add_serve_command,
     add_demo_model_command,
+    add_bench_command,
 )
 
 

@@ -27,6 +27,9 @@ from cluster.distributed_engine import ExpertParallelConfig
 from cluster.engine_config import EngineConfig
 from cluster.request_output import EngineStats, RequestOutput
 from cluster.topology import TopologyConfig
+from gateway import admission
+from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS
+from gateway.deadline import DeadlineExceeded, remaining_s
 from gateway.generation_request import GenerationRequest
 from gateway.metrics import ServingMetrics
 
@@ -50,8 +53,11 @@ class EngineOptions:
     num_threads: int | None = None  # torch threads of a single-process engine; None: torch's default
     model_name: str = "moe-serve"  # the `model` label of every metric
     metrics_interval_s: float = 1.0  # how often worker stats are drained into metrics
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS  # waiting requests; more are refused (429)
 
     def __post_init__(self) -> None:
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1, got {self.max_queued_requests}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0:
@@ -87,7 +93,10 @@ class EngineDeployment:
         self.metrics = ServingMetrics(options.model_name)
         self._generated_seen = 0
         self.engine.step_listeners.append(self._on_step)
+        self.engine.recovery_listeners.append(self.metrics.observe_recovery)  # worker faults
         self._reporter: asyncio.Task | None = None
+        self._num_admitting = 0  # inside `_admit` now: not yet in the engine's waiting queue
+        self._draining = False
 
     def _on_step(self, stats: EngineStats) -> None:
         self.metrics.observe_engine(stats, step_ran=True)
@@ -140,20 +149,31 @@ class EngineDeployment:
     # -- requests ---------------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream one request's outputs; cancelling the stream (client gone) aborts it."""
+        """Stream one request's outputs; cancelling the stream (client gone) aborts it, and so
+        does its deadline passing (then it raises DeadlineExceeded).
+
+        Raises EngineOverloaded at once when the waiting queue is full, EngineDraining when
+        this replica is shutting down (gateway/admission.py).
+        """
         self._ensure_reporter()
+        refused = admission.refusal(self._admission_state(), self.options.max_queued_requests)
+        if refused is not None:
+            raise refused
         timing = _RequestTiming(request.arrival_time)
+        self._num_admitting += 1
         try:
             admitted = await self._admit(request)
         except asyncio.CancelledError:
             self.engine.abort(request.request_id)  # the batch may have admitted it just before
             raise
+        finally:
+            self._num_admitting -= 1
         if isinstance(admitted, Exception):
             raise admitted  # a ValueError: this request can never fit
         last: RequestOutput | None = None
         try:
             while True:
-                out = await admitted.get()
+                out = await _next_output(admitted, request)
                 timing.saw(out)
                 last = out
                 yield out
@@ -172,6 +192,10 @@ class EngineDeployment:
             ttft_s=timing.ttft_s, inter_token_s=timing.gaps_s, e2e_s=time.time() - timing.arrival,
             queue_s=timing.queue_s,
         )
+
+    def _admission_state(self) -> admission.AdmissionState:
+        return admission.AdmissionState(num_unscheduled=self.engine.stats().num_waiting + self._num_admitting,
+                                        draining=self._draining)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue | ValueError]:
@@ -197,7 +221,11 @@ class EngineDeployment:
         return self.engine.stats()
 
     async def ready(self) -> bool:
-        """True when the engine can take requests: every worker of its group answers a probe."""
+        """True when the engine can take requests: it has not given up after a worker fault,
+        and every worker of its group answers a probe (not while a recovery restarts them)."""
+        if not self.engine.healthy:
+            log.warning("engine not ready: %s", self.engine.unhealthy_reason)
+            return False
         if self.group is None:
             return True
         try:
@@ -215,6 +243,18 @@ class EngineDeployment:
                 group.shutdown()
             except Exception:  # Ray may be going down with us
                 pass
+
+
+async def _next_output(queue: asyncio.Queue, request: GenerationRequest) -> RequestOutput:
+    """The next output, or DeadlineExceeded once the request's time is up (the caller aborts it)."""
+    left = remaining_s(request.timeout_s, request.arrival_time, time.time())
+    if left is None:
+        return await queue.get()
+    try:
+        return await asyncio.wait_for(queue.get(), left)
+    except TimeoutError:
+        raise DeadlineExceeded(f"the request did not finish within its {request.timeout_s:g} s "
+                               "deadline") from None
 
 
 class _RequestTiming:

@@ -9,6 +9,7 @@ into that body, so the official `openai` client maps every status to its excepti
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,12 +21,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a shed request is told to wait: the queue moves every engine step
+# Error bodies stay small whatever the request was: a message is cut at MAX_MESSAGE_CHARS, and a
+# value taken from the request (a model name, a stop string, a field name) at MAX_ECHO_CHARS, so
+# an error never reflects a large input back (log and proxy bloat, reflected content).
+MAX_MESSAGE_CHARS = 512
+MAX_ECHO_CHARS = 48
+_GOT = re.compile(r"[,;] got ")  # where our validators' messages start quoting the bad value
+# pydantic names the member of a union it tried in the location ("str", "list[int]",
+# "function-after[...]"): noise to a client, so such parts are left out.
+_UNION_TAG = re.compile(r"[\[(<]|^(str|int|float|bool)$")
 
 
 class APIError(Exception):
     def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status_code = status_code
         self.message = message
@@ -43,6 +54,17 @@ class APIError(Exception):
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def clip(text: str, max_chars: int = MAX_ECHO_CHARS) -> str:
+    """`text` cut to `max_chars` (marked with "…"); for anything that came from the request."""
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
+
+
+def clip_value(message: str) -> str:
+    """A "<rule>, got <value>" message (SamplingParams, the tokenizer) with the value clipped."""
+    match = _GOT.search(message)
+    return message[: match.end()] + clip(message[match.end():]) if match else message
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -68,7 +90,7 @@ def unauthorized() -> APIError:
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+    return APIError(404, f"The model `{clip(model)}` does not exist.", param="model", code="model_not_found")
 
 
 def payload_too_large(max_bytes: int) -> APIError:
@@ -86,15 +108,28 @@ def service_unavailable(message: str = "The engine is overloaded or unavailable;
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+def request_timeout(message: str = "The request did not finish before its deadline.") -> APIError:
+    return APIError(408, message, type="timeout_error", code="timeout")
+
+
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """A 400 from pydantic's error list: the first error names `param`, the message lists all."""
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return invalid_json()
     parts, params = [], []
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        # A location can hold the client's own dictionary keys (logit_bias): clip every part.
+        loc = [clip(str(p)) for p in err.get("loc", ()) if p != "body" and not _UNION_TAG.search(str(p))]
         parts.append(f"{'.'.join(loc) or 'body'}: {_strip_prefix(str(err.get('msg', 'invalid')))}")
         params.append(loc[0] if loc else None)
     message = "; ".join(dict.fromkeys(parts)) or "invalid request"
     return APIError(400, message, param=params[0] if params else None, code="invalid_value")
+
+
+def invalid_json() -> APIError:
+    # The parser's own message would quote the body; the position is not worth an echo either.
+    return APIError(400, "We could not parse the JSON body of your request: send one UTF-8 JSON object.",
+                    code="invalid_json")
 
 
 def _strip_prefix(msg: str) -> str:
@@ -115,6 +150,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400:  # FastAPI's only one: the body is not JSON (bad bytes, too deep)
+            return invalid_json().response()
         if exc.status_code == 404:
             message = "Not found: this server offers /v1/completions, /v1/chat/completions, /v1/models, " \
                       "/health and /ready."

@@ -11,8 +11,12 @@ streaming one must raise, because the proxy copies the context only with a strea
 with an exception.
 
 The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
-`model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it) and
-`api_key` (None: no authentication).
+`model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it),
+`api_key` (None: no authentication) and `request_timeout_s` (None: no server deadline).
+
+Deadlines: Serve's proxy does not pass the call's own deadline on, but it cancels the call when
+the deadline passes, which aborts the engine request; a budget the engine itself enforces comes
+from the server's `request_timeout_s` or the metadata `x-request-timeout: <seconds>`.
 """
 
 from __future__ import annotations
@@ -31,10 +35,15 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 
 from cluster.request_output import RequestOutput
+from gateway.admission import EngineDraining, EngineOverloaded
 from gateway.auth import bearer_key_matches
+from gateway.deadline import REQUEST_TIMEOUT_HEADER, DeadlineExceeded, effective_timeout, parse_timeout
 from gateway.engine_stream import EngineFailed, engine_outputs
+from gateway.errors import clip, clip_value
 from gateway.generation_request import GenerationRequest
+from gateway.grpc_parsing import MalformedMessage
 from gateway.grpc_stubs import moe_serve_pb2 as pb
+from gateway.request_limits import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
 from workers.sampling_params import SamplingParams, SamplingParamsError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moe_serve.v1.MoeServe"
@@ -108,6 +117,7 @@ class GrpcMethods:
                          grpc_context: RayServegRPCContext) -> pb.ListModelsResponse:
         try:
             self._authenticate(grpc_context)
+            _check_parsed(request)
         except GrpcError as err:
             err.set_on(grpc_context)
             return pb.ListModelsResponse()
@@ -118,7 +128,7 @@ class GrpcMethods:
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
         if request.service not in ("", SERVICE_NAME):
-            GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}").set_on(grpc_context)
+            GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {clip(request.service)!r}").set_on(grpc_context)
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=await self._serving_status())
 
@@ -149,20 +159,33 @@ class GrpcMethods:
     def _admit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> GenerationRequest:
         """Authenticate and validate a request and turn it into the engine's message."""
         self._authenticate(grpc_context)
+        _check_parsed(request)
+        if request.ByteSize() > self.options.max_body_bytes:  # the HTTP body limit, for the same work
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is larger than the limit of {self.options.max_body_bytes} bytes")
         if request.model and request.model != self.model_name:
             raise GrpcError(grpc.StatusCode.NOT_FOUND,
-                            f"model {request.model!r} is not served here, {self.model_name!r} is")
+                            f"model {clip(request.model)!r} is not served here, {self.model_name!r} is")
         try:
             params = sampling_params(request.sampling)
         except SamplingParamsError as exc:
-            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}") from None
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{clip_value(str(exc))}") from None
         prompt_ids = self._prompt_ids(request)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"sampling.max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens "
                             f"{params.max_tokens} exceed the model's context of {self.max_model_len} tokens")
         return GenerationRequest(request_id=f"grpc-{uuid.uuid4().hex}", prompt_ids=prompt_ids, params=params,
-                                 arrival_time=time.time())
+                                 arrival_time=time.time(), timeout_s=self._grpc_timeout_s(grpc_context))
+
+    def _grpc_timeout_s(self, grpc_context: RayServegRPCContext) -> float | None:
+        metadata = dict(grpc_context.invocation_metadata())
+        header = metadata.get(REQUEST_TIMEOUT_HEADER.lower())
+        try:
+            client_s = None if header is None else parse_timeout(header)
+        except ValueError as exc:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        return effective_timeout(self.request_timeout_s, client_s)
 
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
         metadata = dict(grpc_context.invocation_metadata()) if self.api_key is not None else {}
@@ -206,6 +229,11 @@ class GrpcMethods:
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     """The engine's SamplingParams; raises SamplingParamsError naming the bad field."""
+    if len(msg.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in msg.stop):
+        raise SamplingParamsError("stop", f"stop: at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} "
+                                          "characters each")
+    if len(msg.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise SamplingParamsError("stop_token_ids", f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS}")
     set_fields = {name: getattr(msg, name) for name in OPTIONAL_SAMPLING_FIELDS if msg.HasField(name)}
     return SamplingParams(**set_fields, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
                           ignore_eos=msg.ignore_eos, logprobs=msg.logprobs)
@@ -214,8 +242,12 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
 def engine_error(exc: Exception) -> GrpcError:
     """The status of an exception from the engine deployment's handle."""
     cause = exc.cause if isinstance(exc, RayTaskError) else exc  # RayTaskError: raised in the replica
-    if isinstance(cause, BackPressureError):
+    if isinstance(cause, BackPressureError | EngineOverloaded):
         return GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded, retry later: {cause}")
+    if isinstance(cause, EngineDraining):
+        return GrpcError(grpc.StatusCode.UNAVAILABLE, str(cause))
+    if isinstance(cause, DeadlineExceeded):
+        return GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, str(cause))
     if isinstance(cause, TimeoutError):
         return GrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"the engine timed out: {cause}")
     if isinstance(cause, ValueError):  # the engine refused the request, e.g. it can never fit the KV cache
@@ -235,3 +267,7 @@ def _usage(out: RequestOutput) -> pb.Usage:
     return pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
                     total_tokens=out.num_prompt_tokens + out.num_output_tokens)
 
+
+def _check_parsed(request: object) -> None:
+    if isinstance(request, MalformedMessage):  # bytes that are no protobuf (gateway/grpc_parsing.py)
+        raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, request.reason)

@@ -110,8 +110,10 @@ def __getattr__(name: str) -> object:
         generate()
     pb2 = importlib.import_module(f"{PACKAGE}.moe_serve_pb2")
     pb2_grpc = importlib.import_module(f"{PACKAGE}.moe_serve_pb2_grpc")
+    from gateway.grpc_parsing import tolerant_adder  # bad request bytes: INVALID_ARGUMENT, not UNKNOWN
+
     globals().update(moe_serve_pb2=pb2, moe_serve_pb2_grpc=pb2_grpc,
-                     add_MoeServeServicer_to_server=pb2_grpc.add_MoeServeServicer_to_server)
+                     add_MoeServeServicer_to_server=tolerant_adder(pb2_grpc.add_MoeServeServicer_to_server))
     return globals()[name]
 
 

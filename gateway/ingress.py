@@ -29,7 +29,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -38,13 +38,16 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.request_output import RequestOutput
 from gateway import errors
-from gateway.auth import bearer_key_matches
+from gateway.admission import EngineDraining, EngineOverloaded
+from gateway.auth import BearerAuthMiddleware
 from gateway.body_limit import BodyLimitMiddleware
+from gateway.deadline import REQUEST_TIMEOUT_HEADER, DeadlineExceeded, effective_timeout, parse_timeout
 from gateway.engine_deployment import ModelInfo
 from gateway.engine_stream import EngineFailed, engine_outputs
 from gateway.generation_request import GenerationRequest
 from gateway.grpc_methods import GrpcMethods
 from gateway.merge_streams import merge_streams
+from gateway.openapi_doc import install_openapi
 from gateway.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     MAX_CHOICES,
@@ -71,8 +74,11 @@ class IngressOptions:
     model_name: str  # what clients put in `model`
     api_key: str | None = field(default=None, repr=False)  # None: no authentication
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float | None = None  # each request's deadline; None: none unless the client sets one
 
     def __post_init__(self) -> None:
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 or None, got {self.request_timeout_s}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
         if self.api_key is not None and not self.api_key:
@@ -97,6 +103,7 @@ class Ingress(GrpcMethods):
         self.tokenizer = Tokenizer.from_dir(options.model_dir)
         self.model_name = options.model_name
         self.api_key = options.api_key
+        self.request_timeout_s = options.request_timeout_s
         # The engine's limits, asked once: this replica is ready only when an engine replica is.
         info: ModelInfo = await engine.info.remote()
         self.max_model_len = info.max_model_len
@@ -104,27 +111,22 @@ class Ingress(GrpcMethods):
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = FastAPI(title="moe-serve", summary="OpenAI-compatible API of a Mixtral-style MoE model")
+        app = FastAPI(title="moe-serve", summary="OpenAI-compatible API of a Mixtral-style MoE model",
+                      redoc_url=None)
         errors.install_error_handlers(app)
+        # Added last, so outermost: a request without the key is refused before its body is read.
         app.add_middleware(BodyLimitMiddleware, max_bytes=self.options.max_body_bytes)
-        auth = [Depends(self.authorize)]
-        app.post("/v1/completions", dependencies=auth,
-                 response_model=CompletionResponse)(self.create_completion)
-        app.post("/v1/chat/completions", dependencies=auth,
-                 response_model=ChatCompletionResponse)(self.create_chat_completion)
-        app.get("/v1/models", dependencies=auth, response_model=ModelList)(self.list_models)
-        app.get("/v1/models/{model_id:path}", dependencies=auth,
-                response_model=ModelCard)(self.retrieve_model)
+        app.add_middleware(BearerAuthMiddleware, api_key=self.api_key)
+        app.post("/v1/completions", response_model=CompletionResponse)(self.create_completion)
+        app.post("/v1/chat/completions", response_model=ChatCompletionResponse)(self.create_chat_completion)
+        app.get("/v1/models", response_model=ModelList)(self.list_models)
+        app.get("/v1/models/{model_id:path}", response_model=ModelCard)(self.retrieve_model)
         app.get("/health")(self.health)
         app.get("/ready")(self.ready)
+        install_openapi(app, api_key_required=self.api_key is not None)
         return app
 
     # -- shared with the gRPC methods ---------------------------------------------------------
-
-    def authorize(self, request: Request) -> None:
-        """Bearer key check; the key is compared in constant time and never logged or echoed."""
-        if not bearer_key_matches(request.headers.get("authorization"), self.api_key):
-            raise errors.unauthorized()
 
     async def engine_stream(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """One engine request's outputs, engine failures as `APIError`s (gateway/engine_stream.py)."""
@@ -134,6 +136,14 @@ class Ingress(GrpcMethods):
                     yield out
         except EngineFailed as exc:
             raise errors.service_unavailable(f"The engine failed the request: {exc}") from None
+        # Before ValueError and RayActorError: Ray re-raises a replica's exception as a subclass
+        # of both RayTaskError and the original class.
+        except EngineOverloaded as exc:
+            raise errors.too_many_requests(f"Too many requests: {_cause(exc)}.") from None
+        except EngineDraining as exc:
+            raise errors.service_unavailable(f"Unavailable: {_cause(exc)}.") from None
+        except DeadlineExceeded as exc:
+            raise errors.request_timeout(f"Request timed out: {_cause(exc)}.") from None
         except (BackPressureError, DeploymentUnavailableError, RayActorError) as exc:
             raise errors.service_unavailable(f"The engine is not available: {type(exc).__name__}.") from None
         except ValueError as exc:  # admission refused it (Ray re-raises it as RayTaskError(ValueError))
@@ -141,11 +151,12 @@ class Ingress(GrpcMethods):
 
     # -- routes ---------------------------------------------------------------------------------
 
-    async def create_completion(self, body: CompletionRequest) -> Response:
+    async def create_completion(self, body: CompletionRequest, http_request: Request) -> Response:
         self._check_request(body)
-        prompts = [self._encode_prompt(p) for p in body.prompts()]
-        if len(prompts) * body.n > MAX_CHOICES:
+        timeout_s = self._http_timeout_s(http_request)
+        if len(body.prompts()) * body.n > MAX_CHOICES:  # before tokenizing any of them
             raise errors.bad_request(f"prompts × n may not exceed {MAX_CHOICES}", param="n")
+        prompts = [self._encode_prompt(p) for p in body.prompts()]
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         params = self._sampling_params(body, max_tokens, body.logprobs is not None)
         for ids in prompts:
@@ -154,14 +165,15 @@ class Ingress(GrpcMethods):
         view = CompletionView(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, self.tokenizer,
                               num_choices=len(jobs), num_prompt_tokens=sum(len(p) for p in prompts),
                               logprobs=body.logprobs is not None)
-        return await self._respond(body, jobs, view)
+        return await self._respond(body, jobs, view, timeout_s)
 
-    async def create_chat_completion(self, body: ChatCompletionRequest) -> Response:
+    async def create_chat_completion(self, body: ChatCompletionRequest, http_request: Request) -> Response:
         self._check_request(body)
+        timeout_s = self._http_timeout_s(http_request)
         try:
             prompt_ids = tuple(self.tokenizer.encode_chat(body.message_dicts()))
         except ChatTemplateError as exc:
-            raise errors.bad_request(str(exc), param="messages") from None
+            raise errors.bad_request(errors.clip_value(str(exc)), param="messages") from None
         requested = body.requested_max_tokens
         max_tokens = requested if requested is not None else max(self.max_model_len - len(prompt_ids), 1)
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -170,7 +182,7 @@ class Ingress(GrpcMethods):
         jobs = [_Job(c, prompt_ids, params[c]) for c in range(body.n)]
         view = ChatView(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name, self.tokenizer,
                         num_choices=len(jobs), num_prompt_tokens=len(prompt_ids), logprobs=body.logprobs)
-        return await self._respond(body, jobs, view)
+        return await self._respond(body, jobs, view, timeout_s)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[self._model_card()])
@@ -200,6 +212,15 @@ class Ingress(GrpcMethods):
     def _model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
 
+    def _http_timeout_s(self, http_request: Request) -> float | None:
+        """This request's time budget: the server's, or shorter with `X-Request-Timeout` (400 if bad)."""
+        header = http_request.headers.get(REQUEST_TIMEOUT_HEADER)
+        try:
+            client_s = None if header is None else parse_timeout(header)
+        except ValueError as exc:
+            raise errors.bad_request(str(exc), param=REQUEST_TIMEOUT_HEADER, code="invalid_value") from None
+        return effective_timeout(self.request_timeout_s, client_s)
+
     def _check_request(self, body: SamplingFields) -> None:
         if body.model != self.model_name:
             raise errors.model_not_found(body.model)
@@ -225,17 +246,18 @@ class Ingress(GrpcMethods):
                     for c in range(body.n)]
         except SamplingParamsError as exc:
             param = max_tokens_param if exc.field == "max_tokens" else exc.field
-            raise errors.bad_request(str(exc).replace("max_tokens", param, 1), param=param,
+            raise errors.bad_request(errors.clip_value(str(exc)).replace("max_tokens", param, 1), param=param,
                                      code="invalid_value") from None
 
     def _check_context(self, num_prompt_tokens: int, max_tokens: int, param: str) -> None:
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise errors.context_length_exceeded(self.max_model_len, num_prompt_tokens, max_tokens, param)
 
-    async def _respond(self, body: SamplingFields, jobs: Sequence[_Job], view: ResponseView) -> Response:
+    async def _respond(self, body: SamplingFields, jobs: Sequence[_Job], view: ResponseView,
+                       timeout_s: float | None) -> Response:
         arrival = time.time()
         streams = [self.engine_stream(GenerationRequest(f"{view.rid}-{job.index}", job.prompt_ids, job.params,
-                                                        arrival))
+                                                        arrival, timeout_s))
                    for job in jobs]  # jobs are in choice order: a stream's index is its choice's
         outputs = merge_streams(streams)
         if not body.stream:
@@ -252,6 +274,11 @@ class Ingress(GrpcMethods):
             raise
         return StreamingResponse(sse_events(view, _prepend(first, outputs), include_usage=body.include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _cause(exc: Exception) -> str:
+    """The message of the replica-side exception a RayTaskError wraps (its own str has a traceback)."""
+    return str(getattr(exc, "cause", None) or exc)
 
 
 async def _prepend(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:

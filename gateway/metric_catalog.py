@@ -13,6 +13,7 @@ from dataclasses import dataclass
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 STEP_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+RECOVERY_BUCKETS_S = [0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,14 @@ CATALOG: tuple[MetricSpec, ...] = (
                "max / mean tokens per expert of a layer over the last reporting interval (1 = balanced)"),
     # faults
     MetricSpec("moe_serve_worker_restarts", "counter", ("model", "kind"), "Workers restarted after a fault"),
+    MetricSpec("moe_serve_worker_faults", "counter", ("model", "rank", "kind", "cause"),
+               "Steps that failed because of a worker: which one (rank, kind; 'unknown' if unidentified) "
+               "and why (died, collective_error, stalled)"),
+    MetricSpec("moe_serve_recoveries", "counter", ("model", "outcome"),
+               "Worker-fault recoveries by outcome: recovered, failed, refused (too many in the window)"),
+    MetricSpec("moe_serve_recovery_seconds", "histogram", ("model",),
+               "Worker fault seen until the model group serves again (or the engine gave up)",
+               tuple(RECOVERY_BUCKETS_S)),
 )
 
 BY_NAME = {m.name: m for m in CATALOG}

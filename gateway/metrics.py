@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from cluster.recovery_event import RecoveryEvent
 from cluster.request_output import EngineStats
 from gateway.metric_catalog import CATALOG, MetricSpec
 from workers.worker_stats import WorkerStats
@@ -87,6 +88,16 @@ class ServingMetrics:
 
     def observe_restart(self, kind: str) -> None:
         self._inc("moe_serve_worker_restarts", 1, self._tags(kind=kind))
+
+    def observe_recovery(self, event: RecoveryEvent) -> None:
+        """One worker fault and what the engine did about it (cluster/recovery_event.py)."""
+        fault = event.fault
+        rank = "unknown" if fault.rank is None else fault.rank
+        self._inc("moe_serve_worker_faults", 1, self._tags(rank=rank, kind=fault.kind, cause=fault.cause))
+        self._inc("moe_serve_recoveries", 1, self._tags(outcome=event.outcome))
+        self.m["moe_serve_recovery_seconds"].observe(event.seconds, self._tags())
+        for kind in event.restarted_kinds:
+            self.observe_restart(kind)
 
 
 def load_imbalance(counts: Sequence[int]) -> float:

@@ -6,27 +6,56 @@ OpenAI, ignore top-level fields they do not know. Fields OpenAI defines but we d
 (penalties, logit bias, echo, suffix, best_of, top alternatives in logprobs, tools) are accepted
 at their neutral value and refused otherwise (`unsupported_field`), so a client never gets an
 answer to a question it did not ask. Value rules that sampling owns (temperature >= 0, top_p in
-(0, 1], seed range, ...) are checked once, by `SamplingParams`; the bounds here are OpenAI's own.
+(0, 1], seed range, ...) are checked once, by `SamplingParams`; the bounds here are OpenAI's own
+and the request limits of gateway/request_limits.py, so that an oversized field is refused while
+parsing, before any work. NaN and infinities are not numbers here, and strings must be encodable
+as UTF-8 (JSON's `\ud800` escape can smuggle in a lone surrogate that the tokenizer chokes on).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.request_limits import (
+    MAX_CHOICES,
+    MAX_INT32,
+    MAX_MESSAGES,
+    MAX_N,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    MAX_STOP_TOKEN_IDS,
+)
 from workers.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
 
-MAX_N = 8  # choices per prompt
-MAX_CHOICES = 64  # prompts × n per request: one request may not flood the engine
-MAX_STOP = 16  # stop strings per request
+__all__ = ["MAX_CHOICES", "MAX_N", "MAX_STOP"]  # re-exported: the ingress reads them from here
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 Prompt = str | list[int]  # one prompt: text, or token ids used as given
 
 
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unicode(text: str) -> str:
+    if not _is_unicode(text):
+        raise ValueError("must be valid Unicode text (a lone surrogate escape is not)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+
+
 class _StrictRequest(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_StrictRequest):
@@ -36,14 +65,14 @@ class StreamOptions(_StrictRequest):
 class SamplingFields(_StrictRequest):
     """Fields both endpoints share; `null` means "the default" throughout, as with OpenAI."""
 
-    model: str
+    model: Text
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = None
-    top_k: int | None = None  # vLLM's extension: -1 or 0 is off
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # vLLM's extension: -1 or 0 is off
     min_p: float | None = None  # vLLM's extension
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # vLLM's extension
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stop: StopString | list[StopString] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's extension
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -51,7 +80,7 @@ class SamplingFields(_StrictRequest):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted and ignored
+    user: Text | None = None  # accepted and ignored
 
     @field_validator("stop")
     @classmethod
@@ -100,11 +129,11 @@ class SamplingFields(_StrictRequest):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None  # None: DEFAULT_COMPLETION_MAX_TOKENS
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)  # None: DEFAULT_COMPLETION_MAX_TOKENS
     logprobs: int | None = Field(None, ge=0, le=5)  # only 0 (the sampled token's) is implemented
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     best_of: int | None = None
 
     @field_validator("prompt", mode="wrap")
@@ -113,8 +142,8 @@ class CompletionRequest(SamplingFields):
         try:
             prompt = handler(value)
         except ValidationError:
-            raise ValueError("prompt must be a string, a list of strings, a list of token ids, "
-                             "or a list of token-id lists") from None
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids in "
+                             f"[0, {MAX_INT32}], or a list of token-id lists; strings valid Unicode") from None
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
             raise ValueError("prompt must not be empty")
         return prompt
@@ -141,19 +170,21 @@ class CompletionRequest(SamplingFields):
 
 class TextContentPart(_StrictRequest):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_StrictRequest):
-    role: str
-    content: str | list[TextContentPart]
-    name: str | None = None  # accepted and ignored
+    role: Text
+    content: Text | list[TextContentPart]
+    name: Text | None = None  # accepted and ignored
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None  # None (both): the rest of the context
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # max_tokens is deprecated by OpenAI in favour of max_completion_tokens; None (both): the rest
+    # of the context.
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)  # only 0 is implemented
     tools: list[Any] | None = None
@@ -276,3 +307,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body (gateway/errors.py); declared in the OpenAPI document."""
+
+    error: ErrorDetail

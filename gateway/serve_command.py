@@ -71,6 +71,10 @@ def banner(options: ServeOptions, *, grpc: bool) -> str:
         f"  OpenAI API  {base}/v1   (completions, chat/completions, models)",
         f"  health      {base}/health   ready {base}/ready",
     ]
+    if options.autoscaling is not None:
+        scale = options.autoscaling
+        lines.append(f"  autoscaling {scale.min_replicas}..{scale.max_replicas} model groups, "
+                     f"~{scale.target_ongoing_requests:g} ongoing requests each")
     if grpc:
         lines.append(f"  gRPC        {options.host}:{options.grpc_port}   "
                      "(moe_serve.v1.MoeServe, grpc.health.v1)")

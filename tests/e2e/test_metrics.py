@@ -38,7 +38,9 @@ def metrics_server(demo_model_dir):
     ray.shutdown()
 
 
-EVENT_COUNTERS = {"moe_serve_worker_restarts", "moe_serve_preemptions"}
+# Families that only appear once their event happened (no preemption or worker fault here).
+EVENT_COUNTERS = {"moe_serve_worker_restarts", "moe_serve_preemptions", "moe_serve_worker_faults",
+                  "moe_serve_recoveries", "moe_serve_recovery_seconds"}
 
 
 def scrape(url: str) -> dict[str, list]:

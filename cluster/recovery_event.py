@@ -1,0 +1,19 @@
+"""What the engine reports after each worker fault: for logs, metrics and tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cluster.worker_fault import WorkerFault
+
+OUTCOMES = ("recovered", "failed", "refused")  # refused: the recovery policy said no
+
+
+@dataclass(frozen=True)
+class RecoveryEvent:
+    fault: WorkerFault
+    outcome: str  # one of OUTCOMES
+    seconds: float  # fault seen → workers back (or given up)
+    restarted_kinds: tuple[str, ...] = ()  # one entry per restarted worker: "attention" | "expert"
+    num_requeued: int = 0  # sequences that lost their KV cache and prefill again
+    error: str | None = None  # why recovery failed or was refused

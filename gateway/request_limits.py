@@ -1,0 +1,27 @@
+"""How much one request may ask for, checked in the ingress before any work is allocated.
+
+The body limit (`IngressOptions.max_body_bytes`, default 1 MiB, 413) bounds everything that
+follows: JSON parsing, validation and tokenizing a text prompt. The rest are counts the request
+schema (gateway/protocol.py) or the ingress checks before the engine is called:
+
+- `n` ≤ MAX_N, and prompts × n ≤ MAX_CHOICES (checked before any prompt is tokenized);
+- `stop`: at most MAX_STOP strings of at most MAX_STOP_CHARS characters each;
+- `stop_token_ids`: at most MAX_STOP_TOKEN_IDS;
+- `messages`: at most MAX_MESSAGES;
+- integers (`max_tokens`, `top_k`, token ids) at most MAX_INT32, so a 4,000-digit number is a
+  short schema error rather than a long one; `seed` in the range torch accepts;
+- prompt length: prompt tokens + `max_tokens` ≤ the model's context (`max_model_len`), which also
+  caps `max_tokens`; token-id prompts are checked against the vocabulary before anything else.
+
+gRPC applies the same stop limits and refuses a request message larger than the body limit.
+"""
+
+from __future__ import annotations
+
+MAX_N = 8  # choices per prompt
+MAX_CHOICES = 64  # prompts × n per request: one request may not flood the engine
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string: the stop checker scans each one every step
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 512  # chat messages per request: rendering the template is linear in them
+MAX_INT32 = 2**31 - 1  # token counts and ids are int32 on the gRPC side too

@@ -1,0 +1,252 @@
+"""Worker faults on a real Ray model group (DESIGN.md §5), driving the engine directly.
+
+Faults are real: SIGKILL of a worker process, SIGSTOP of one (a collective that stalls),
+and `Cluster.remove_node` of a raylet holding expert workers. The oracle is the
+single-process engine's fault-free greedy run of the same 50 requests (the distributed
+engine equals it; tests/integration/test_distributed_engine.py): every request must end
+with exactly those tokens, whatever happened in between, or, where recovery is impossible,
+with an explicit error, within a bounded time.
+
+All nodes of a cluster_utils.Cluster share one IP, so pids from `where()` are this
+machine's and nodes are told apart by custom resources (see test_multinode_cluster.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.distributed_engine import ExpertParallelConfig, build_distributed_engine
+from cluster.engine import Engine
+from cluster.engine_config import EngineConfig
+from cluster.local_engine import build_local_engine
+from cluster.recovery_event import RecoveryEvent
+from cluster.recovery_policy import RecoveryPolicy
+from cluster.topology import TopologyConfig
+from workers.sampling_params import SamplingParams
+
+NUM_REQUESTS = 50
+MAX_TOKENS = 24
+FAULT_AFTER_TOKENS = NUM_REQUESTS * 6  # every request is mid-stream by then
+RUN_DEADLINE_S = 240.0  # no run may hang: the whole batch of requests ends within this
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+ENGINE_CFG = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, block_size=16, num_kv_blocks=256)
+
+
+def prompts(vocab_size: int = 2048, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(NUM_REQUESTS)]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (plain CPUs) + one attention node + three expert nodes, one expert worker each.
+
+    Fast node-death detection (the default takes ~30 s) keeps the node-loss test short.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 3, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                           "health_check_timeout_ms": 500}})
+    nodes = {"attention": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1",
+                                           resources={"moe_attention": 1})}
+    for name in ("expert_a", "expert_b", "expert_spare"):
+        nodes[name] = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_expert": 1})
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model_dir) -> list[list[int]]:
+    """The fault-free greedy tokens of every request (single-process engine)."""
+    engine = build_local_engine(demo_model_dir, ENGINE_CFG)
+    return run(engine, _run(engine, prompts()))["tokens"]
+
+
+def run(engine: Engine, *steps):
+    """Await `steps` in order on one event loop (the engine's loop task lives on it); their results."""
+    async def main():
+        try:
+            return [await step for step in steps]
+        finally:
+            await engine.shutdown()
+    results = asyncio.run(main())
+    return results[0] if len(steps) == 1 else results
+
+
+def build(model_dir, topology: TopologyConfig | None = None, **ep) -> tuple[Engine, object]:
+    topology = topology or TopologyConfig(num_attention_workers=1, num_expert_workers=2, num_cpus_per_worker=0.1)
+    return build_distributed_engine(model_dir, ENGINE_CFG, topology, ExpertParallelConfig(**ep))
+
+
+async def _collect(engine: Engine, i: int, prompt: list[int]) -> dict:
+    tokens, last = [], None
+    async for out in engine.generate(f"r{i}", prompt, GREEDY):
+        tokens += out.token_ids
+        last = out
+    return {"tokens": tokens, "finish_reason": last.finish_reason, "error": last.error}
+
+
+async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_after: int = FAULT_AFTER_TOKENS,
+               ) -> dict:
+    """Run every request concurrently; call `fault()` once they generated `fault_after` tokens."""
+    fault_after += engine.stats().num_generated_tokens
+    events: list[RecoveryEvent] = []
+    engine.recovery_listeners.append(events.append)
+    tasks = [asyncio.ensure_future(_collect(engine, i, p)) for i, p in enumerate(requests)]
+    injected_at = None
+    if fault is not None:
+        deadline = time.monotonic() + RUN_DEADLINE_S
+        while engine.stats().num_generated_tokens < fault_after:
+            assert time.monotonic() < deadline, "the engine never got far enough to inject the fault"
+            assert not all(t.done() for t in tasks), "every request finished before the fault"
+            await asyncio.sleep(0.01)
+        injected_at = engine.stats().num_generated_tokens
+        fault()
+    results = await asyncio.wait_for(asyncio.gather(*tasks), RUN_DEADLINE_S)
+    engine.recovery_listeners.remove(events.append)
+    return {"tokens": [r["tokens"] for r in results], "results": results, "events": events,
+            "injected_at": injected_at}
+
+
+def pid_of(group, rank: int) -> int:
+    (info,) = [w for w in group.where() if w["rank"] == rank]
+    return info["pid"]
+
+
+def assert_recovered(got: dict, reference: list[list[int]], rank: int, kind: str, cause: str) -> None:
+    assert got["injected_at"] < NUM_REQUESTS * MAX_TOKENS  # the fault hit while requests streamed
+    assert [r["finish_reason"] for r in got["results"]] == ["length"] * NUM_REQUESTS
+    assert got["tokens"] == reference  # same greedy output as without the fault
+    first = got["events"][0]
+    assert (first.fault.rank, first.fault.kind, first.fault.cause) == (rank, kind, cause)
+    assert first.fault.actor_id and first.fault.node_id
+    assert all(e.outcome == "recovered" for e in got["events"])
+    assert first.num_requeued == NUM_REQUESTS and len(first.restarted_kinds) == 3
+
+
+def test_sigkill_expert_worker_mid_stream(cluster, demo_model_dir, reference):
+    engine, group = build(demo_model_dir)
+    try:
+        victim = pid_of(group, 2)
+        # The second run shows the group keeps serving after the recovery.
+        got, again = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)),
+                         _run(engine, prompts()[:5]))
+        assert_recovered(got, reference, rank=2, kind="expert", cause="died")
+        stats = engine.stats()
+        assert (stats.num_worker_faults, stats.num_recoveries, stats.healthy) == (len(got["events"]),) * 2 + (True,)
+        assert pid_of(group, 2) != victim
+        assert again["tokens"] == reference[:5] and not again["events"]
+    finally:
+        group.shutdown()
+
+
+def test_sigkill_attention_worker_mid_stream(cluster, demo_model_dir, reference):
+    engine, group = build(demo_model_dir)
+    try:
+        victim = pid_of(group, 0)
+        got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
+        assert_recovered(got, reference, rank=0, kind="attention", cause="died")
+    finally:
+        group.shutdown()
+
+
+def test_stalled_collective_is_caught_by_the_watchdog(cluster, demo_model_dir, reference):
+    """SIGSTOP an expert: its peers block in the all-to-all; the step watchdog fires and recovers."""
+    step_timeout_s = 5.0
+    engine, group = build(demo_model_dir, step_timeout_s=step_timeout_s)
+    victim = pid_of(group, 1)
+    try:
+        t0 = time.monotonic()
+        got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGSTOP)))
+        assert_recovered(got, reference, rank=1, kind="expert", cause="stalled")
+        assert "probe" in got["events"][0].fault.detail
+        assert time.monotonic() - t0 < RUN_DEADLINE_S
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)  # Ray killed it; if not, let it die normally
+        except ProcessLookupError:
+            pass
+        group.shutdown()
+
+
+def test_too_many_failures_end_every_request_with_an_error(cluster, demo_model_dir):
+    engine, group = build(demo_model_dir, recovery=RecoveryPolicy(max_recoveries=1, window_s=600))
+    try:
+        def kill(rank):
+            return lambda: os.kill(pid_of(group, rank), signal.SIGKILL)
+
+        first, second, late = run(
+            engine,
+            _run(engine, prompts()[:10], fault=kill(1), fault_after=10 * 4),
+            _run(engine, prompts()[:10], fault=kill(2), fault_after=10 * 4),
+            _run(engine, prompts()[:2]),
+        )
+        assert [e.outcome for e in first["events"]] == ["recovered"]
+        assert all(r["finish_reason"] == "length" for r in first["results"])
+        assert [e.outcome for e in second["events"]] == ["refused"]
+        for r in second["results"]:
+            assert r["finish_reason"] == "error"
+            assert "engine unavailable" in r["error"] and "expert worker rank 2" in r["error"]
+        assert not engine.healthy and not engine.stats().healthy
+        # New requests are refused at once with the same explicit error.
+        assert [r["finish_reason"] for r in late["results"]] == ["error", "error"]
+        assert late["results"][0]["error"] == engine.unhealthy_reason
+    finally:
+        group.shutdown()
+
+
+def test_node_loss_recovers_onto_a_spare_node_then_fails_explicitly_without_one(cluster, demo_model_dir,
+                                                                                reference):
+    """Expert workers sit one per expert node (custom resources); removing a node that holds one
+    moves its bundle to the spare node. Removing a second leaves no room: explicit errors."""
+    cl, nodes = cluster
+    topology = TopologyConfig(num_attention_workers=1, num_expert_workers=2, num_cpus_per_worker=0.1,
+                              attention_resources={"moe_attention": 1}, expert_resources={"moe_expert": 1})
+    engine, group = build(demo_model_dir, topology, step_timeout_s=20.0,
+                          recovery=RecoveryPolicy(max_recoveries=5, timeout_s=30.0))
+    by_id = {n.node_id: name for name, n in nodes.items()}
+
+    def node_of() -> dict[int, str]:
+        return {w["rank"]: by_id[w["node_id"]] for w in group.where()}
+
+    def remove_node_of(rank: int):
+        return lambda: cl.remove_node(nodes[node_of()[rank]], allow_graceful=False)
+
+    async def both_phases():
+        before = node_of()
+        assert before[0] == "attention" and {before[1], before[2]} < {"expert_a", "expert_b", "expert_spare"}
+        recovered = await _run(engine, prompts(), fault=remove_node_of(1))
+        after = node_of()
+        # No spare left now: the next node loss cannot be recovered.
+        t0 = time.monotonic()
+        failed = await _run(engine, prompts()[:10], fault=remove_node_of(2), fault_after=10 * 4)
+        return before, recovered, after, failed, time.monotonic() - t0
+
+    try:
+        before, got, after, failed, failed_after_s = run(engine, both_phases())
+        assert [r["finish_reason"] for r in got["results"]] == ["length"] * NUM_REQUESTS
+        assert got["tokens"] == reference
+        assert got["events"][0].fault.rank == 1 and got["events"][-1].outcome == "recovered"
+        assert after[1] not in (before[1], before[2]) and after[2] == before[2]  # moved to the spare
+
+        for r in failed["results"]:
+            assert r["finish_reason"] == "error" and "engine unavailable" in r["error"]
+        assert failed["events"][-1].outcome == "failed" and not engine.healthy
+        assert failed_after_s < RUN_DEADLINE_S
+    finally:
+        group.shutdown()
