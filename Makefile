@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 DEMO_DIR ?= .demo-model
 
-.PHONY: install serve test test-slow bench lint demo-model clean
+.PHONY: install serve test test-slow bench lint demo-model clean prometheus
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,14 @@ $(VENV)/.installed: pyproject.toml
 serve: $(VENV)/.installed
 	$(VENV)/bin/moe-serve serve
 
-test: $(VENV)/.installed
+# Debian's Prometheus server and promtool, for tests/deploy/test_prometheus_server.py. Installed
+# only where we are root and it is missing; elsewhere that test skips and says why.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" -eq 0 ] \
+		&& apt-get update && apt-get install -y --no-install-recommends prometheus; } \
+		|| echo "prometheus: not installed (needs root); tests/deploy/test_prometheus_server.py will skip"
+
+test: $(VENV)/.installed prometheus
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(VENV)/.installed

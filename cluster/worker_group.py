@@ -179,10 +179,7 @@ class RayWorkerGroup:
         old = self.workers
         self._kill_all()
         try:
-            # Their bundles are reused: wait until Ray has really let the old workers go. An actor
-            # on a node that vanished stays "alive" until Ray declares the node dead, and only
-            # then moves the node's bundles elsewhere; a worker started earlier would land on the
-            # dead node's bundle and hang there.
+            # Their bundles are reused: the new workers fit only once Ray has let the old go.
             await within_deadline(_until_dead(old))
             log.info("old workers gone after %.2fs; restarting", timeout_s - (deadline - time.monotonic()))
             where = await self._restart_until_up(within_deadline)
@@ -197,10 +194,11 @@ class RayWorkerGroup:
         for attempt in itertools.count(1):
             try:
                 return await self._restart(within_deadline)
-            except RayError as exc:
-                # A node that died a moment ago can still hold a bundle until Ray notices and
-                # reschedules it: the new worker there dies at once. Try again until the deadline,
-                # unless the placement group itself is gone (its owner is shutting down).
+            except (RayError, BundlesMoved) as exc:
+                # A node that died a moment ago still holds its bundles until Ray declares it dead
+                # (health checks: seconds) and reschedules them; a worker started there meanwhile
+                # dies or hangs. Try again until the deadline, unless the placement group itself
+                # is gone (its owner is shutting down).
                 log.warning("restart attempt %d of the model group failed: %s", attempt, _short(exc))
                 self._kill_all()
                 if placement_group_table(self.placement.placement_group).get("state") == "REMOVED":
@@ -209,14 +207,31 @@ class RayWorkerGroup:
         raise AssertionError("unreachable")
 
     async def _restart(self, within_deadline) -> list[dict]:
-        """Start every worker into its bundle, rendezvous, join; their `where()` answers."""
-        await within_deadline(_awaited(self.placement.placement_group.ready()))
+        """Start every worker into its bundle, rendezvous, join; their `where()` answers.
+
+        Raises BundlesMoved when Ray moves a bundle meanwhile: the node it was on died, and
+        a worker started there would wait on it forever.
+        """
+        pg = self.placement.placement_group
+        await within_deadline(_awaited(pg.ready()))
+        watcher = asyncio.ensure_future(_until_moved(pg, _layout(pg)))
+        starting = asyncio.ensure_future(self._start_and_join())
+        try:
+            await within_deadline(asyncio.wait({watcher, starting}, return_when=asyncio.FIRST_COMPLETED))
+        finally:
+            for task in (watcher, starting):
+                task.cancel()
+        if starting.done() and not starting.cancelled():
+            return starting.result()
+        raise BundlesMoved("a bundle of the model group moved to another node while its workers started")
+
+    async def _start_and_join(self) -> list[dict]:
         self._start_all()
         workers = self.workers
-        addr, port = await within_deadline(_awaited(workers[0].rendezvous_address.remote()))
+        addr, port = await _awaited(workers[0].rendezvous_address.remote())
         self.rendezvous = (addr, port)
-        await within_deadline(asyncio.gather(*[_awaited(w.join.remote(addr, port)) for w in workers]))
-        return await within_deadline(asyncio.gather(*[_awaited(w.where.remote()) for w in workers]))
+        await asyncio.gather(*[_awaited(w.join.remote(addr, port)) for w in workers])
+        return await asyncio.gather(*[_awaited(w.where.remote()) for w in workers])
 
     def _kill_all(self) -> None:
         for w in self.workers:
@@ -235,6 +250,20 @@ class RayWorkerGroup:
             ray.kill(w)
         if self.placement.owned:
             remove_placement_group(self.placement.placement_group)
+
+
+class BundlesMoved(Exception):
+    """Ray rescheduled a bundle of the placement group while workers were starting in it."""
+
+
+def _layout(pg: PlacementGroup) -> tuple[str, dict]:
+    table = placement_group_table(pg)
+    return table.get("state", ""), dict(table.get("bundles_to_node_id", {}))
+
+
+async def _until_moved(pg: PlacementGroup, layout: tuple[str, dict], poll_s: float = 0.5) -> None:
+    while _layout(pg) == layout:
+        await asyncio.sleep(poll_s)
 
 
 async def _until_dead(actors: list, poll_s: float = 0.2) -> None:

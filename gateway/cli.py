@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS  # standard library only: --help stays instant
+
 
 def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -93,6 +95,12 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on /v1 (default: $MOE_SERVE_API_KEY; "
                              "none: no authentication)")
+    parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+                        help="requests that may wait per model group; more get 429 + Retry-After "
+                             f"(default {DEFAULT_MAX_QUEUED_REQUESTS})")
+    parser.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                        help="every request's deadline: past it the request is aborted and gets 408 "
+                             "(clients may ask for less with X-Request-Timeout; default: none)")
     parser.set_defaults(handler=run_serve)
 
 
@@ -116,6 +124,7 @@ def run_serve(args: argparse.Namespace) -> int:
             num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas or 1,
             autoscaling=autoscaling_from_args(args),
             graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
+            max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout,
             api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,
             host=args.host, port=args.port, grpc_port=args.grpc_port,
             placement_strategy=args.placement_strategy,

@@ -28,8 +28,9 @@ from cluster.engine_config import EngineConfig
 from cluster.request_output import EngineStats, RequestOutput
 from cluster.topology import TopologyConfig
 from gateway import admission
-from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS
+from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS, EngineDraining
 from gateway.deadline import DeadlineExceeded, remaining_s
+from gateway.drain import DrainWatch
 from gateway.generation_request import GenerationRequest
 from gateway.metrics import ServingMetrics
 
@@ -96,7 +97,8 @@ class EngineDeployment:
         self.engine.recovery_listeners.append(self.metrics.observe_recovery)  # worker faults
         self._reporter: asyncio.Task | None = None
         self._num_admitting = 0  # inside `_admit` now: not yet in the engine's waiting queue
-        self._draining = False
+        self._in_flight: set[str] = set()  # request ids of the `generate` streams now open
+        self._drain: DrainWatch | None = None  # started by the first request (gateway/drain.py)
 
     def _on_step(self, stats: EngineStats) -> None:
         self.metrics.observe_engine(stats, step_ran=True)
@@ -156,24 +158,30 @@ class EngineDeployment:
         this replica is shutting down (gateway/admission.py).
         """
         self._ensure_reporter()
+        await self._watch_drain()
         refused = admission.refusal(self._admission_state(), self.options.max_queued_requests)
         if refused is not None:
             raise refused
         timing = _RequestTiming(request.arrival_time)
+        self._in_flight.add(request.request_id)
         self._num_admitting += 1
         try:
             admitted = await self._admit(request)
         except asyncio.CancelledError:
             self.engine.abort(request.request_id)  # the batch may have admitted it just before
+            self._in_flight.discard(request.request_id)
             raise
         finally:
             self._num_admitting -= 1
         if isinstance(admitted, Exception):
+            self._in_flight.discard(request.request_id)
             raise admitted  # a ValueError: this request can never fit
         last: RequestOutput | None = None
         try:
             while True:
                 out = await _next_output(admitted, request)
+                if self._drain is not None and self._drain.expired and out.finish_reason == "abort":
+                    raise EngineDraining("the server shut down before the request finished")
                 timing.saw(out)
                 last = out
                 yield out
@@ -181,6 +189,7 @@ class EngineDeployment:
                     return
         finally:
             self.engine.abort(request.request_id)  # a no-op once finished
+            self._in_flight.discard(request.request_id)
             self._record(timing, last)
 
     def _record(self, timing: _RequestTiming, last: RequestOutput | None) -> None:
@@ -195,7 +204,21 @@ class EngineDeployment:
 
     def _admission_state(self) -> admission.AdmissionState:
         return admission.AdmissionState(num_unscheduled=self.engine.stats().num_waiting + self._num_admitting,
-                                        draining=self._draining)
+                                        draining=self._drain is not None and self._drain.draining)
+
+    async def _watch_drain(self) -> None:
+        if self._drain is None:
+            context = serve.get_replica_context()
+            self._drain = DrainWatch(context.app_name, context.replica_id.unique_id,
+                                     count_in_flight=lambda: len(self._in_flight),
+                                     on_expired=self._end_in_flight)
+        await self._drain.start()
+
+    def _end_in_flight(self) -> None:
+        """The drain deadline passed: abort what is left; each stream then raises EngineDraining."""
+        log.warning("drain deadline passed: ending %d requests", len(self._in_flight))
+        for request_id in list(self._in_flight):
+            self.engine.abort(request_id)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue | ValueError]:
@@ -225,6 +248,9 @@ class EngineDeployment:
         and every worker of its group answers a probe (not while a recovery restarts them)."""
         if not self.engine.healthy:
             log.warning("engine not ready: %s", self.engine.unhealthy_reason)
+            return False
+        await self._watch_drain()
+        if self._drain.draining:  # shutting down: load balancers should stop sending us requests
             return False
         if self.group is None:
             return True

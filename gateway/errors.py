@@ -82,6 +82,16 @@ def context_length_exceeded(max_model_len: int, num_prompt_tokens: int, max_toke
     )
 
 
+def prompt_too_long(max_model_len: int, num_chars: int, max_chars: int, param: str) -> APIError:
+    return APIError(
+        400,
+        f"This model's maximum context length is {max_model_len} tokens. However, the {param} has "
+        f"{num_chars} characters, more than that many tokens can hold ({max_chars}). Please reduce "
+        f"the length of the {param}.",
+        param=param, code="context_length_exceeded",
+    )
+
+
 def unauthorized() -> APIError:
     # The key itself is never echoed (OpenAI echoes a masked one; we echo nothing).
     return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",

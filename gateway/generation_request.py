@@ -16,4 +16,4 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     arrival_time: float  # time.time() at the ingress: queue time is measured from here
-    timeout_s: float | None = None  # its deadline, counted from arrival_time; None: none (gateway/deadline.py)
+    timeout_s: float | None = None  # deadline, counted from arrival_time; None: none (gateway/deadline.py)

@@ -1,10 +1,13 @@
-"""The ingress's gRPC methods: `moe_serve.v1.MoeServe` and the standard `grpc.health.v1.Health`.
+"""The ingress's gRPC methods: `moe_serve.v1.MoeServe`, the standard `grpc.health.v1.Health` and
+server reflection.
 
 Ray Serve's gRPC proxy sends each call of a registered service (`grpc_stubs.servicer_functions()`)
 to the ingress method of the same name (`Generate`, `GenerateStream`, `ListModels`, `Check`,
-`Watch`), with the request message and, since the parameter is named `grpc_context`, a
-`RayServegRPCContext`. The proxy answers `/ray.serve.RayServeAPIService/Healthz` itself; the
-standard health service comes here like any other, so its answer is the engine's readiness.
+`List`, `Watch`, `ServerReflectionInfo`), with the request message (a `MalformedMessage` for
+bytes that do not parse, gateway/grpc_parsing.py) and, since the parameter is named
+`grpc_context`, a `RayServegRPCContext`. Everything but health checks the API key first. The
+proxy answers `/ray.serve.RayServeAPIService/Healthz` itself; the standard health service comes
+here like any other, so its answer is the engine's readiness.
 
 A failed call sets its status on the context. A unary method then returns an empty message; a
 streaming one must raise, because the proxy copies the context only with a streamed message or
@@ -12,7 +15,8 @@ with an exception.
 
 The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
 `model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it),
-`api_key` (None: no authentication) and `request_timeout_s` (None: no server deadline).
+`max_prompt_chars` (longer text cannot fit), `options.max_body_bytes`, `api_key` (None: no
+authentication) and `request_timeout_s` (None: no server deadline).
 
 Deadlines: Serve's proxy does not pass the call's own deadline on, but it cancels the call when
 the deadline passes, which aborts the engine request; a budget the engine itself enforces comes
@@ -30,6 +34,8 @@ from contextlib import aclosing
 
 import grpc
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
@@ -47,6 +53,8 @@ from gateway.request_limits import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
 from workers.sampling_params import SamplingParams, SamplingParamsError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moe_serve.v1.MoeServe"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REFLECTION_SERVICE_NAME = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
 HEALTH_CHECK_TIMEOUT_S = 5.0
 HEALTH_WATCH_INTERVAL_S = 1.0
 
@@ -128,9 +136,31 @@ class GrpcMethods:
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
         if request.service not in ("", SERVICE_NAME):
-            GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {clip(request.service)!r}").set_on(grpc_context)
+            error = GrpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {clip(request.service)!r}")
+            error.set_on(grpc_context)
             return health_pb2.HealthCheckResponse()
         return health_pb2.HealthCheckResponse(status=await self._serving_status())
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   grpc_context: RayServegRPCContext) -> health_pb2.HealthListResponse:
+        """Every service Check knows, with its status (grpcio-health-checking's stub has List too)."""
+        status = health_pb2.HealthCheckResponse(status=await self._serving_status())
+        return health_pb2.HealthListResponse(statuses={name: status for name in ("", SERVICE_NAME)})
+
+    # -- grpc.reflection.v1alpha.ServerReflection: behind the key, like our own methods ------------
+
+    async def ServerReflectionInfo(
+            self, request_stream: AsyncIterator[reflection_pb2.ServerReflectionRequest],
+            grpc_context: RayServegRPCContext) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        """What grpcurl and grpcui ask; grpc_reflection's own servicer answers once the key matches."""
+        try:
+            self._authenticate(grpc_context)
+        except GrpcError as err:
+            err.set_on(grpc_context)
+            raise
+        servicer = ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME])
+        async for response in servicer.ServerReflectionInfo(request_stream, grpc_context):
+            yield response
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
@@ -196,6 +226,10 @@ class GrpcMethods:
     def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         which = request.WhichOneof("prompt")
         if which == "text":
+            if len(request.text) > self.max_prompt_chars:  # cannot fit: refused before tokenizing
+                raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"text: {len(request.text)} characters cannot fit in the model's context "
+                                f"of {self.max_model_len} tokens")
             ids = tuple(self.tokenizer.encode(request.text))
         elif which == "token_ids":
             ids = tuple(request.token_ids.ids)

@@ -50,7 +50,8 @@ def tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | N
 
 
 def _tolerant_handlers(handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
-    return {name: h._replace(request_deserializer=tolerant(h.request_deserializer)) for name, h in handlers.items()}
+    return {name: handler._replace(request_deserializer=tolerant(handler.request_deserializer))
+            for name, handler in handlers.items()}
 
 
 class _TolerantServer:
@@ -69,11 +70,14 @@ class _TolerantServer:
         self._server.add_registered_method_handlers(service_name, _tolerant_handlers(method_handlers))
 
 
-def tolerant_adder(adder: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
-    """A generated `add_<Service>Servicer_to_server` that registers tolerant deserializers."""
+def tolerant_adder(adder: Callable[[Any, Any], None],
+                   *also: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+    """A generated `add_<Service>Servicer_to_server` that registers tolerant deserializers;
+    the adders in `also` are registered with it, the same way."""
 
     def add(servicer, server) -> None:
-        adder(servicer, _TolerantServer(server))
+        for each in (adder, *also):
+            each(servicer, _TolerantServer(server))
 
     add.__name__ = add.__qualname__ = adder.__name__
     add.__doc__ = f"{adder.__name__}, with request bytes that do not parse delivered as MalformedMessage."

@@ -3,13 +3,15 @@
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models (and /v1/models/{id}),
 GET /health (the process is up), GET /ready (the engine and its workers are up).
 
-A request is authenticated (optional bearer key), parsed (strict types, 400 on anything wrong,
-413 past the body limit), checked against the model (404 for another model name, 400 for
-token ids outside the vocabulary or prompt + max_tokens beyond the context), tokenized (chat
-template for chat), and split into one engine request per choice (prompts × n); their output
-streams are merged and sent back as one JSON body or as SSE chunks ending in `data: [DONE]`.
-When the client goes away, Serve cancels this request; cancelling an engine stream cancels the
-replica-side generator, which aborts the sequence and frees its KV blocks.
+A request is authenticated (optional bearer key, checked before anything else: gateway/auth.py),
+parsed (strict types, 400 on anything wrong, 413 past the body limit, the request limits of
+gateway/request_limits.py), checked against the model (404 for another model name, 400 for
+token ids outside the vocabulary, text too long to fit, or prompt + max_tokens beyond the
+context), tokenized (chat template for chat), and split into one engine request per choice
+(prompts × n); their output streams are merged and sent back as one JSON body or as SSE chunks
+ending in `data: [DONE]`. When the client goes away, Serve cancels this request; cancelling an
+engine stream cancels the replica-side generator, which aborts the sequence and frees its KV
+blocks.
 
 The FastAPI app is built per replica (`__serve_build_asgi_app__`, after `__init__`), so the API
 key and the body limit are this replica's options rather than module globals. The gRPC methods
@@ -59,6 +61,7 @@ from gateway.protocol import (
     ModelList,
     SamplingFields,
 )
+from gateway.request_limits import max_prompt_chars
 from gateway.response_view import ChatView, CompletionView, ResponseView, sse_events
 from workers.sampling_params import SamplingParams, SamplingParamsError
 from workers.tokenizer import ChatTemplateError, Tokenizer
@@ -108,6 +111,8 @@ class Ingress(GrpcMethods):
         info: ModelInfo = await engine.info.remote()
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
+        self.max_prompt_chars = max_prompt_chars(self.max_model_len,
+                                                 self.tokenizer.backend.get_vocab(with_added_tokens=True))
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -170,6 +175,7 @@ class Ingress(GrpcMethods):
     async def create_chat_completion(self, body: ChatCompletionRequest, http_request: Request) -> Response:
         self._check_request(body)
         timeout_s = self._http_timeout_s(http_request)
+        self.check_prompt_chars(body.num_content_chars(), "messages")
         try:
             prompt_ids = tuple(self.tokenizer.encode_chat(body.message_dicts()))
         except ChatTemplateError as exc:
@@ -231,12 +237,18 @@ class Ingress(GrpcMethods):
 
     def _encode_prompt(self, prompt: str | list[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):
+            self.check_prompt_chars(len(prompt), "prompt")
             return tuple(self.tokenizer.encode(prompt))
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise errors.bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
                                      param="prompt", code="invalid_value")
         return tuple(prompt)
+
+    def check_prompt_chars(self, num_chars: int, param: str) -> None:
+        """Refuses text too long to fit in the context before it is tokenized (request_limits.py)."""
+        if num_chars > self.max_prompt_chars:
+            raise errors.prompt_too_long(self.max_model_len, num_chars, self.max_prompt_chars, param)
 
     @staticmethod
     def _sampling_params(body: SamplingFields, max_tokens: int, logprobs: bool,

@@ -143,7 +143,8 @@ class CompletionRequest(SamplingFields):
             prompt = handler(value)
         except ValidationError:
             raise ValueError("prompt must be a string, a list of strings, a list of token ids in "
-                             f"[0, {MAX_INT32}], or a list of token-id lists; strings valid Unicode") from None
+                             f"[0, {MAX_INT32}], or a list of token-id lists; strings valid Unicode"
+                             ) from None
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
             raise ValueError("prompt must not be empty")
         return prompt
@@ -199,6 +200,11 @@ class ChatCompletionRequest(SamplingFields):
         if self.tools:
             return "tools"
         return super().unsupported_field()
+
+    def num_content_chars(self) -> int:
+        """Characters of message text: the rendered prompt has at least these."""
+        return sum(len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content)
+                   for m in self.messages)
 
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Mapping
 
 from gateway.app import APP_NAME, ServeOptions, build_app
+from gateway.drain import drain_app
 
 
 def parse_expert_replicas(text: str) -> dict[tuple[int, int], int]:
@@ -52,14 +53,34 @@ def run_serve(options: ServeOptions, address: str | None = None) -> int:
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
         print(banner(options, grpc=bool(servicers)), flush=True)
         wait_for_interrupt()
-        print("\nmoe-serve: shutting down", flush=True)
+        # Drain first: in-flight streams finish while new requests get 503 (gateway/drain.py); a
+        # second Ctrl-C stops at once.
+        timeout_s = options.graceful_shutdown_timeout_s
+        print(f"\nmoe-serve: draining (new requests get 503) for at most {timeout_s:g} s", flush=True)
+        with drain_app(APP_NAME, timeout_s) as num_left:
+            if num_left:
+                print(f"moe-serve: {num_left} requests were still running at the drain deadline", flush=True)
+            print("moe-serve: shutting down", flush=True)
+            stop_serving(joined)
+    except BaseException:
+        stop_serving(joined)
+        raise
     finally:
+        ray.shutdown()
+    return 0
+
+
+def stop_serving(joined: bool) -> None:
+    """Delete our application (joined to a cluster) or shut Serve down (ours); once."""
+    from ray import serve
+
+    try:
         if joined:
             serve.delete(APP_NAME)
         else:
             serve.shutdown()
-        ray.shutdown()
-    return 0
+    except Exception as exc:  # already gone, or Ray is going down
+        print(f"moe-serve: while stopping: {type(exc).__name__}: {exc}", flush=True)
 
 
 def banner(options: ServeOptions, *, grpc: bool) -> str:

@@ -24,6 +24,9 @@ from typing import Any
 from ray import serve
 
 from gateway.app import ServeOptions, build_app
+from gateway.autoscaling import AutoscalingOptions
+from gateway.serve_command import parse_expert_replicas
+from workers.demo_checkpoint import ensure_demo_checkpoint
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 PROXY_FIELDS = frozenset({"host", "port", "grpc_port"})  # Serve's http_options / grpc_options own these
@@ -42,14 +45,10 @@ def serve_options_from_args(args: Mapping[str, Any]) -> ServeOptions:
     if unknown := sorted(args.keys() - OPTION_FIELDS):
         raise ValueError(f"unknown args {unknown}; known: {sorted(OPTION_FIELDS)}")
     if args.get("model_dir") is None:
-        from workers.demo_checkpoint import ensure_demo_checkpoint
-
         args["model_dir"] = str(ensure_demo_checkpoint(progress=False))
     if "expert_replicas" in args:
         args["expert_replicas"] = expert_replicas_from_arg(args["expert_replicas"])
     if isinstance(args.get("autoscaling"), Mapping):
-        from gateway.autoscaling import AutoscalingOptions
-
         try:
             args["autoscaling"] = AutoscalingOptions(**args["autoscaling"])
         except TypeError as exc:  # an unknown or missing key: say so as a config error
@@ -60,8 +59,7 @@ def serve_options_from_args(args: Mapping[str, Any]) -> ServeOptions:
 
 
 def expert_replicas_from_arg(value: str | Mapping[str, int] | None) -> dict[tuple[int, int], int]:
-    from gateway.serve_command import parse_expert_replicas
-
+    """The command line's "L:E=N,..." or a mapping {"L:E": N} → {(L, E): N}."""
     if value is None:
         return {}
     if isinstance(value, str):

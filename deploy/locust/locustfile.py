@@ -44,7 +44,8 @@ class OpenAIUser(HttpUser):
 
     @task(2)
     def completion(self) -> None:
-        body = {"model": MODEL, "prompt": random.choice(PROMPTS), "max_tokens": MAX_TOKENS, "temperature": 0.7}
+        body = {"model": MODEL, "prompt": random.choice(PROMPTS), "max_tokens": MAX_TOKENS,
+                "temperature": 0.7}
         with self.client.post("/v1/completions", json=body, name="/v1/completions",
                               catch_response=True) as response:
             if response.status_code != 200:

@@ -137,7 +137,11 @@ def run_bench(args: argparse.Namespace) -> int:
     if config.report.plot_file:
         from gateway.bench.plot import plot_run, plot_sweep
 
-        out = (plot_sweep(results, config.report.plot_file) if config.sweep_rates
-               else plot_run(results[0], config.report.plot_file))
+        try:
+            out = (plot_sweep(results, config.report.plot_file) if config.sweep_rates
+                   else plot_run(results[0], config.report.plot_file))
+        except ImportError as exc:  # matplotlib comes with the `bench` extra
+            print(f"moe-serve bench: no plot ({exc}); pip install 'moe-serve[bench]'", file=sys.stderr)
+            return 1
         print(f"plot: {out}")
     return 0 if all(r.summary.completed for r in results) else 1

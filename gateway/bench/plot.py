@@ -38,6 +38,7 @@ def plot_run(result: RunResult, path: str | Path) -> Path:
     lat.set_xticks([m + width * (len(labels) - 1) / 2 for m in range(len(metrics))],
                    [TITLES[m][1] for m in metrics])
     lat.set_ylabel("ms")
+    lat.set_yscale("log")  # TTFT and ITL are tens of ms, E2EL seconds: one linear axis hides the former
     lat.set_title("Latency")
     lat.legend()
     timeline = output_throughput_timeline(result.records)

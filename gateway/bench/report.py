@@ -19,7 +19,7 @@ TITLES = {
 def _row(label: str, value: object) -> str:
     if isinstance(value, float):
         value = f"{value:.2f}"
-    return f"{label:<40}{value:<10}"
+    return f"{label:<40}{value}"
 
 
 def format_report(summary: BenchSummary, *, title: str = "Serving Benchmark Result",

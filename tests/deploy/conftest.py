@@ -44,8 +44,8 @@ class Deployment:
 
         client = openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=120)
         for i in range(prompts):
-            r = client.completions.create(model=self.model_name, prompt=f"Deploy test {i}:", max_tokens=max_tokens + i,
-                                          temperature=0.0)
+            r = client.completions.create(model=self.model_name, prompt=f"Deploy test {i}:",
+                                          max_tokens=max_tokens + i, temperature=0.0)
             self.completion_tokens += r.usage.completion_tokens
             self.requests += 1
         with client.chat.completions.create(model=self.model_name, stream=True, max_tokens=max_tokens,

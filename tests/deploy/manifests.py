@@ -30,7 +30,8 @@ def load_yaml_docs(path: Path) -> list[dict]:
 
 def kuberay_docs() -> list[tuple[Path, dict]]:
     """Every Kubernetes object under deploy/kuberay/ (subdirectories included)."""
-    return [(path, doc) for path in sorted((DEPLOY / "kuberay").rglob("*.yaml")) for doc in load_yaml_docs(path)]
+    paths = sorted((DEPLOY / "kuberay").rglob("*.yaml"))
+    return [(path, doc) for path in paths for doc in load_yaml_docs(path)]
 
 
 @functools.cache
@@ -96,8 +97,9 @@ def _models_in(annotation: Any) -> Iterator[type]:
 
 
 def ports_of_service(service: dict) -> set[int]:
-    return {p[key] for p in service.get("spec", {}).get("ports", []) for key in ("port", "targetPort", "nodePort")
-            if isinstance(p.get(key), int)}
+    ports = service.get("spec", {}).get("ports", [])
+    keys = ("port", "targetPort", "nodePort")
+    return {p[key] for p in ports for key in keys if isinstance(p.get(key), int)}
 
 
 def pod_templates(rayservice: dict) -> dict[str, dict]:

@@ -19,7 +19,8 @@ from tests.deploy.manifests import DEPLOY
 def test_completion_through_the_configs_app(demo_deployment):
     client = openai.OpenAI(base_url=demo_deployment.base_url, api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list()] == [demo_deployment.model_name] == ["demo"]
-    r = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8, temperature=0.0)
+    r = client.completions.create(model="demo", prompt="The capital of France is", max_tokens=8,
+                                  temperature=0.0)
     assert r.choices[0].text and r.usage.completion_tokens == 8 and r.choices[0].finish_reason == "length"
     demo_deployment.completion_tokens += r.usage.completion_tokens
     demo_deployment.requests += 1
@@ -48,7 +49,8 @@ def locust_read_stream():
     """`read_stream` from the locustfile, without importing Locust (not a test dependency)."""
     path = DEPLOY / "locust" / "locustfile.py"
     tree = ast.parse(path.read_text())
-    keep = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom) and getattr(n, "module", None) != "locust"]
+    keep = [n for n in tree.body
+            if isinstance(n, ast.Import | ast.ImportFrom) and getattr(n, "module", None) != "locust"]
     keep += [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "read_stream"]
     namespace: dict = {}
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
@@ -67,7 +69,8 @@ def test_locust_stream_reader_on_a_real_stream(demo_deployment):
             seen.append(line)
             yield line
 
-    with httpx.stream("POST", f"{demo_deployment.base_url}/chat/completions", json=body, timeout=120) as response:
+    url = f"{demo_deployment.base_url}/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=120) as response:
         assert response.status_code == 200
         assert read_stream(tee(response.iter_lines()), stamps) is None
     chunks = [json.loads(line.removeprefix("data: ")) for line in seen if line.startswith("data: {")]
@@ -75,5 +78,6 @@ def test_locust_stream_reader_on_a_real_stream(demo_deployment):
     assert 1 <= len(stamps) <= usage["completion_tokens"] <= 5  # a stamp per chunk with text
     demo_deployment.completion_tokens += usage["completion_tokens"]
     demo_deployment.requests += 1
-    assert read_stream(iter(['data: {"error": {"message": "boom"}}', "data: [DONE]"]), []) == "stream error: boom"
+    error_event = ['data: {"error": {"message": "boom"}}', "data: [DONE]"]
+    assert read_stream(iter(error_event), []) == "stream error: boom"
     assert read_stream(iter(['data: {"choices": []}']), []) == "stream ended without [DONE]"

@@ -34,6 +34,7 @@ from tests.deploy.manifests import (
     ports_of_service,
     promql_metric_names,
     ray_resources,
+    strict_schema,
     unknown_keys,
 )
 
@@ -54,7 +55,7 @@ def rayservice() -> dict:
 def strict_crd(file_name: str, *, strict: bool = True):
     """The validator of a KubeRay CRD's schema, made strict unless told otherwise."""
     if not (CRD_DIR / file_name).is_file():
-        pytest.skip(f"KubeRay CRD {file_name} not found in {CRD_DIR} (the shared schema data beside the repo)")
+        pytest.skip(f"KubeRay CRD {file_name} not found in {CRD_DIR} (schema data beside the repository)")
     return crd_validator(file_name, strict=strict)
 
 
@@ -86,9 +87,31 @@ def test_an_unknown_field_is_rejected(rayservice, where):
         validator.validate(bad)
 
 
+def test_strict_schema_closes_only_what_the_crd_closes():
+    schema = {"type": "object", "properties": {
+        "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {}}},
+        "map": {"type": "object", "additionalProperties": {"type": "string"}}}}
+    strict = strict_schema(schema)
+    jsonschema.validate({"open": {"b": 1}, "map": {"any": "x"}, "closed": {"a": "x"}}, strict)
+    with pytest.raises(jsonschema.ValidationError, match="'b' was unexpected"):
+        jsonschema.validate({"closed": {"b": 1}}, strict)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"other": 1}, strict)
+    assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_missing_crds_skip_with_the_reason(monkeypatch, tmp_path):
+    import tests.deploy.test_manifests as this
+
+    monkeypatch.setattr(this, "CRD_DIR", tmp_path)
+    with pytest.raises(pytest.skip.Exception, match="ray.io_rayservices.yaml not found"):
+        strict_crd("ray.io_rayservices.yaml")
+
+
 def test_a_wrongly_typed_field_is_rejected(rayservice):
     bad = copy.deepcopy(rayservice)
-    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # must be a string
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # not a string
     with pytest.raises(jsonschema.ValidationError):
         strict_crd("ray.io_rayservices.yaml").validate(bad)
 
@@ -134,7 +157,8 @@ def test_builder_accepts_the_configs_args(path, demo_tokenizer_dir):
     from gateway.grpc_stubs import HEALTH_SERVICER_ADDER, MOE_SERVE_SERVICER_ADDER
 
     (config,) = load_yaml_docs(path)
-    assert config["grpc_options"]["grpc_servicer_functions"] == [MOE_SERVE_SERVICER_ADDER, HEALTH_SERVICER_ADDER]
+    servicers = config["grpc_options"]["grpc_servicer_functions"]
+    assert servicers == [MOE_SERVE_SERVICER_ADDER, HEALTH_SERVICER_ADDER]
     (app_config,) = config["applications"]
     args = dict(app_config["args"])
     args.setdefault("model_dir", str(demo_tokenizer_dir))  # the demo: no checkpoint written here
@@ -185,7 +209,7 @@ def test_worker_kinds_are_steered_to_their_own_gpu_groups(rayservice):
         wanted = args[f"{kind}_resources"]
         (group,) = [g for g in groups.values() if set(wanted) <= set(ray_resources(g))]
         other = "expert" if kind == "attention" else "attention"
-        assert not set(args[f"{other}_resources"]) & set(ray_resources(group)), f"{kind} group serves both kinds"
+        assert not set(args[f"{other}_resources"]) & set(ray_resources(group)), f"{kind}: both kinds"
         (container,) = group["template"]["spec"]["containers"]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # one worker per GPU pod
         # The autoscaler can give Serve every group it may ask for, and one group is always up.
@@ -212,7 +236,8 @@ def test_secrets_feed_the_api_key_and_ray_token_auth(rayservice):
     secrets = {s["metadata"]["name"]: s for s in docs_of_kind("Secret")}
     cluster = rayservice["spec"]["rayClusterConfig"]
     assert cluster["authOptions"]["mode"] == "token"
-    assert "auth_token" in secrets[cluster["authOptions"]["secretName"]]["stringData"]  # the key KubeRay reads
+    token_secret = secrets[cluster["authOptions"]["secretName"]]
+    assert "auth_token" in token_secret["stringData"]  # the key KubeRay reads
     for name, template in pod_templates(rayservice).items():
         (container,) = template["spec"]["containers"]
         env = {e["name"]: e for e in container.get("env", [])}
@@ -249,7 +274,8 @@ def test_network_policy_keeps_ray_control_ports_inside(rayservice):
     from_other_pods = admitted_ports(policy, OWN_LABELS, {"anywhere", "cluster"})
     assert from_other_pods is not None and from_other_pods & CLOSED_PORTS == {8265}
     # ... and 8265 only for the KubeRay operator, which submits serveConfigV2 through it.
-    (dashboard_rule,) = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r.get("ports", [])} == {8265}]
+    (dashboard_rule,) = [rule for rule in policy["spec"]["ingress"]
+                         if {p["port"] for p in rule.get("ports", [])} == {8265}]
     assert all(p["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
                for p in dashboard_rule["from"])
 
@@ -265,64 +291,51 @@ def test_the_policy_check_sees_an_open_port():
 
 # --- Core Kubernetes objects, structurally ---------------------------------------------------
 
-OBJECT_META = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-    "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
-    "namespace": {"type": "string"},
-    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
-}}
-LABEL_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
-    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "matchExpressions": {"type": "array"},
-}}
+def closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    """A JSON schema object that allows exactly these properties."""
+    return {"type": "object", "properties": properties, "required": list(required),
+            "additionalProperties": False}
+
+
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+OBJECT_META = closed({"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                      "namespace": {"type": "string"}, "labels": STRING_MAP, "annotations": STRING_MAP},
+                     required=("name",))
+LABEL_SELECTOR = closed({"matchLabels": STRING_MAP, "matchExpressions": {"type": "array"}})
 PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+PROTOCOL = {"enum": ["TCP", "UDP", "SCTP"]}
+SERVICE_PORT = closed({"name": {"type": "string"}, "port": PORT,
+                       "targetPort": {"anyOf": [PORT, {"type": "string"}]},
+                       "protocol": PROTOCOL, "appProtocol": {"type": "string"}}, required=("port",))
+POLICY_PEER = closed({"podSelector": LABEL_SELECTOR, "namespaceSelector": LABEL_SELECTOR,
+                      "ipBlock": {"type": "object"}})
+POLICY_PORT = closed({"protocol": PROTOCOL, "port": PORT, "endPort": PORT})
+POLICY_RULE = closed({"from": {"type": "array", "items": POLICY_PEER | {"minProperties": 1}},
+                      "ports": {"type": "array", "items": POLICY_PORT}})
+POD_METRICS_ENDPOINT = closed({"port": {"type": "string"}, "path": {"type": "string"},
+                               "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
+                               "relabelings": {"type": "array"}}, required=("port",))
+
+
+def k8s_object(api_version: str, kind: str, body: dict, required: tuple[str, ...] = ("spec",)) -> dict:
+    header = {"apiVersion": {"const": api_version}, "kind": {"const": kind}, "metadata": OBJECT_META}
+    return closed(header | body, required=("apiVersion", "kind", "metadata", *required))
+
+
 CORE_SCHEMAS = {
-    "Secret": {"type": "object", "required": ["apiVersion", "kind", "metadata"], "additionalProperties": False,
-               "properties": {"apiVersion": {"const": "v1"}, "kind": {"const": "Secret"}, "metadata": OBJECT_META,
-                              "type": {"type": "string"},
-                              "stringData": {"type": "object", "additionalProperties": {"type": "string"}},
-                              "data": {"type": "object", "additionalProperties": {"type": "string"}}}},
-    "Service": {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
-                "properties": {"apiVersion": {"const": "v1"}, "kind": {"const": "Service"}, "metadata": OBJECT_META,
-                               "spec": {"type": "object", "required": ["ports"], "properties": {"ports": {
-                                   "type": "array", "minItems": 1, "items": {
-                                       "type": "object", "required": ["port"], "additionalProperties": False,
-                                       "properties": {"name": {"type": "string"}, "port": PORT,
-                                                      "targetPort": {"anyOf": [PORT, {"type": "string"}]},
-                                                      "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
-                                                      "appProtocol": {"type": "string"}}}}}}}},
-    "NetworkPolicy": {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-        "properties": {"apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
-                       "metadata": OBJECT_META,
-                       "spec": {"type": "object", "required": ["podSelector"], "additionalProperties": False,
-                                "properties": {
-                                    "podSelector": LABEL_SELECTOR,
-                                    "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
-                                    "ingress": {"type": "array", "items": {
-                                        "type": "object", "additionalProperties": False, "properties": {
-                                            "from": {"type": "array", "items": {
-                                                "type": "object", "additionalProperties": False, "minProperties": 1,
-                                                "properties": {"podSelector": LABEL_SELECTOR,
-                                                               "namespaceSelector": LABEL_SELECTOR,
-                                                               "ipBlock": {"type": "object"}}}},
-                                            "ports": {"type": "array", "items": {
-                                                "type": "object", "additionalProperties": False,
-                                                "properties": {"protocol": {"enum": ["TCP", "UDP", "SCTP"]},
-                                                               "port": PORT, "endPort": PORT}}}}}}}}}},
-    "PodMonitor": {
-        "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-        "properties": {"apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"},
-                       "metadata": OBJECT_META,
-                       "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"],
-                                "additionalProperties": False, "properties": {
-                                    "selector": LABEL_SELECTOR,
-                                    "namespaceSelector": {"type": "object"},
-                                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                                        "type": "object", "required": ["port"], "additionalProperties": False,
-                                        "properties": {"port": {"type": "string"}, "path": {"type": "string"},
-                                                       "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
-                                                       "relabelings": {"type": "array"}}}}}}}},
+    "Secret": k8s_object("v1", "Secret", {"type": {"type": "string"}, "stringData": STRING_MAP,
+                                          "data": STRING_MAP}, required=()),
+    "Service": k8s_object("v1", "Service", {"spec": {
+        "type": "object", "required": ["ports"],
+        "properties": {"ports": {"type": "array", "minItems": 1, "items": SERVICE_PORT}}}}),
+    "NetworkPolicy": k8s_object("networking.k8s.io/v1", "NetworkPolicy", {"spec": closed({
+        "podSelector": LABEL_SELECTOR,
+        "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+        "ingress": {"type": "array", "items": POLICY_RULE}}, required=("podSelector",))}),
+    "PodMonitor": k8s_object("monitoring.coreos.com/v1", "PodMonitor", {"spec": closed({
+        "selector": LABEL_SELECTOR, "namespaceSelector": {"type": "object"},
+        "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": POD_METRICS_ENDPOINT}},
+        required=("selector", "podMetricsEndpoints"))}),
 }
 
 
@@ -337,6 +350,14 @@ def test_every_kubernetes_object_is_known_and_well_formed(rayservice):
     assert sorted(kinds) == ["NetworkPolicy", "PodMonitor", "RayService", "Secret", "Secret"]
     jsonschema.validate(rayservice["spec"]["serveService"] | {"apiVersion": "v1", "kind": "Service"},
                         CORE_SCHEMAS["Service"])
+
+
+def test_structural_schemas_reject_a_misspelt_field():
+    (policy,) = docs_of_kind("NetworkPolicy")
+    bad = copy.deepcopy(policy)
+    bad["spec"]["ingres"] = bad["spec"].pop("ingress")
+    with pytest.raises(jsonschema.ValidationError, match="ingres"):
+        jsonschema.validate(bad, CORE_SCHEMAS["NetworkPolicy"])
 
 
 def test_podmonitor_scrapes_every_ray_pod_on_the_metrics_port(rayservice):
@@ -369,10 +390,11 @@ def test_dashboard_covers_the_issue_and_reads_only_our_families():
     dashboard = load_dashboard()
     names = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dashboard)))
     assert names and all(n.startswith("ray_moe_serve_") for n in names), names
-    for family in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds"):
+    for family in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+                   "e2e_request_latency_seconds"):
         assert f"ray_moe_serve_{family}_bucket" in names
-    for name in ("generation_tokens_total", "num_requests_waiting", "kv_blocks_used", "dispatch_seconds_total",
-                 "combine_seconds_total", "worker_restarts_total"):
+    for name in ("generation_tokens_total", "num_requests_waiting", "kv_blocks_used",
+                 "dispatch_seconds_total", "combine_seconds_total", "worker_restarts_total"):
         assert f"ray_moe_serve_{name}" in names
     (heatmap,) = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
     assert "by (layer, expert)" in heatmap["targets"][0]["expr"]
@@ -381,8 +403,8 @@ def test_dashboard_covers_the_issue_and_reads_only_our_families():
 
 
 def test_promql_name_parser():
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(ray_a_bucket{model=~"$model", x="by(y)"}[$__rate_interval])))'
-            ' / on() group_left() sum(ray_b) + label_values(ray_c, model)')
+    expr = ('histogram_quantile(0.99, sum by (le) (rate(ray_a_bucket{model=~"$model", x="by(y)"}'
+            '[$__rate_interval]))) / on() group_left() sum(ray_b) + label_values(ray_c, model)')
     assert promql_metric_names(expr) == {"ray_a_bucket", "ray_b", "ray_c"}
 
 
@@ -393,8 +415,8 @@ def test_skypilot_task_launches_a_ray_cluster_with_the_mixtral_config():
     assert "ray start --head" in task["run"] and "ray start --address" in task["run"]
     served = re.findall(r"serve run .*?(deploy/serve/\S+\.yaml)", task["run"])
     assert served and all((DEPLOY.parent / p).is_file() for p in served)
-    assert task["envs"]["MODEL_DIR"] == load_yaml_docs(DEPLOY.parent / served[0])[0]["applications"][0]["args"][
-        "model_dir"]
+    (config,) = load_yaml_docs(DEPLOY.parent / served[0])
+    assert task["envs"]["MODEL_DIR"] == config["applications"][0]["args"]["model_dir"]
 
 
 def test_locustfile_defines_users_with_tasks():

@@ -35,7 +35,7 @@ def test_promtool_accepts_the_repository_config():
 
 
 def local_config(metrics_port: int) -> dict:
-    """The repository's job, pointed at this test's Ray node (instead of Ray's discovery file) every second."""
+    """The repository's job, scraping this test's Ray node (not Ray's discovery file) every second."""
     config = yaml.safe_load(CONFIG.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     (job,) = config["scrape_configs"]
@@ -45,9 +45,10 @@ def local_config(metrics_port: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prometheus(demo_deployment, tmp_path_factory):
+def prometheus(request, tmp_path_factory):
     """The server's API base URL; the process is ended at teardown."""
-    binary = require("prometheus")
+    binary = require("prometheus")  # before the cluster starts: a skip should cost nothing
+    demo_deployment = request.getfixturevalue("demo_deployment")
     work = tmp_path_factory.mktemp("prometheus")
     config_file = work / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(local_config(demo_deployment.metrics_port)))
@@ -105,27 +106,35 @@ def wait_for_value(base: str, expr: str, expected: float, timeout_s: float = 60.
 def test_prometheus_scrapes_our_metrics_with_the_values_clients_saw(demo_deployment, prometheus):
     demo_deployment.generate()
     model = f'model="{demo_deployment.model_name}"'
+    assert wait_for_value(prometheus, 'up{job="moe-serve"}', 1.0) == 1.0  # discovered and scraped
     targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=30).json()["data"]["activeTargets"]
-    assert [(t["labels"]["job"], t["scrapeUrl"]) for t in targets] == [
-        ("moe-serve", f"http://127.0.0.1:{demo_deployment.metrics_port}/metrics")]
-    assert wait_for_value(prometheus, 'up{job="moe-serve"}', 1.0) == 1.0
+    assert [(t["labels"]["job"], t["scrapeUrl"], t["health"]) for t in targets] == [
+        ("moe-serve", f"http://127.0.0.1:{demo_deployment.metrics_port}/metrics", "up")]
 
     told = demo_deployment.completion_tokens
     assert wait_for_value(prometheus, f"sum(ray_moe_serve_generation_tokens_total{{{model}}})", told) == told
     requests = demo_deployment.requests
     assert wait_for_value(prometheus, f"sum(ray_moe_serve_requests_total{{{model}}})", requests) == requests
-    assert scalar(prometheus, f"sum(ray_moe_serve_time_to_first_token_seconds_count{{{model}}})") == requests
+    ttft_count = f"sum(ray_moe_serve_time_to_first_token_seconds_count{{{model}}})"
+    assert wait_for_value(prometheus, ttft_count, requests) == requests
     # Every request has an end-to-end latency, and the quantile lies inside the histogram's range.
     p50 = scalar(prometheus, "histogram_quantile(0.5, sum by (le) "
                              f"(ray_moe_serve_e2e_request_latency_seconds_bucket{{{model}}}))")
     assert p50 is not None and 0 < p50 <= 60
     total_blocks = scalar(prometheus, f"sum(ray_moe_serve_kv_blocks_total{{{model}}})")
-    assert total_blocks == demo_deployment.config["applications"][0]["args"]["num_kv_blocks"]  # one model group
+    args = demo_deployment.config["applications"][0]["args"]
+    assert total_blocks == args["num_kv_blocks"]  # one model group, one attention worker
     usage = scalar(prometheus, f"sum(ray_moe_serve_kv_blocks_used{{{model}}}) / "
                                f"sum(ray_moe_serve_kv_blocks_total{{{model}}})")
     assert usage is not None and 0 <= usage <= 1
     # top-2 routing: every layer saw twice as many rows as tokens it computed, spread over its 8 experts.
-    per_layer = query(prometheus, f"sum by (layer) (ray_moe_serve_expert_tokens_total{{{model}}})")
+    # (The workers' counts are drained once a second: poll until a scrape has all layers' rows.)
+    deadline = time.monotonic() + 30
+    while True:
+        per_layer = query(prometheus, f"sum by (layer) (ray_moe_serve_expert_tokens_total{{{model}}})")
+        if len({r["value"][1] for r in per_layer}) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
     assert len(per_layer) == 4 and len({r["value"][1] for r in per_layer}) == 1
     assert len(query(prometheus, f"ray_moe_serve_expert_tokens_total{{{model}}}")) == 4 * 8
 

@@ -119,7 +119,8 @@ _COMMON = {
     "model": [None, *_STRINGS], "max_tokens": _INTS, "temperature": _FLOATS, "top_p": _FLOATS,
     "top_k": _INTS, "min_p": _FLOATS, "seed": _INTS, "n": [None, *_INTS], "stream": [None, *_BOOLS],
     "ignore_eos": [None, *_BOOLS], "stop": [1, True, {}, [1], [None], [["x"]]],
-    "stop_token_ids": [1, "1", [1.5], ["1"], [True], {}], "stream_options": [1, "x", [], {"include_usage": 1}],
+    "stop_token_ids": [1, "1", [1.5], ["1"], [True], {}],
+    "stream_options": [1, "x", [], {"include_usage": 1}],
     "presence_penalty": _FLOATS, "frequency_penalty": _FLOATS, "logit_bias": [1, "x", [], {"1": "x"}],
     "user": _STRINGS,
 }
@@ -134,7 +135,8 @@ _CHAT_ONLY = {
 
 
 def _wrong_types(model: str) -> Iterator[Case]:
-    for fields, path, make in ((_COMMON | _COMPLETION_ONLY, COMPLETIONS, completion), (_COMMON | _CHAT_ONLY, CHAT, chat)):
+    for fields, path, make in ((_COMMON | _COMPLETION_ONLY, COMPLETIONS, completion),
+                               (_COMMON | _CHAT_ONLY, CHAT, chat)):
         for field, values in fields.items():
             for i, value in enumerate(values):
                 yield _post(f"{path}/type-{field}-{i}", path, {**make(model), field: value})
@@ -175,7 +177,8 @@ def _deep_nesting(model: str) -> Iterator[Case]:
         arrays, objects = "[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth
         yield _post(f"completions/deep-array-body-{depth}", COMPLETIONS, arrays.encode())
         yield _post(f"completions/deep-object-body-{depth}", COMPLETIONS, objects.encode())
-        yield _post(f"completions/deep-prompt-{depth}", COMPLETIONS, _splice(completion(model), "prompt", arrays))
+        yield _post(f"completions/deep-prompt-{depth}", COMPLETIONS,
+                    _splice(completion(model), "prompt", arrays))
         yield _post(f"chat/deep-messages-{depth}", CHAT, _splice(chat(model), "messages", arrays))
         yield _post(f"chat/deep-content-{depth}", CHAT,
                     _splice(chat(model), "messages", f'[{{"role":"user","content":{arrays}}}]'))
@@ -191,8 +194,8 @@ _HUGE = ["1e308", "-1e308", "1e309", "-1e309", "1" + "0" * 30, "-1" + "0" * 30, 
 _HUGE_FIELDS = {
     COMPLETIONS: ["max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n", "logprobs", "best_of",
                   "presence_penalty"],
-    CHAT: ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "n", "top_logprobs",
-           "frequency_penalty"],
+    CHAT: ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "n",
+           "top_logprobs", "frequency_penalty"],
 }
 
 
@@ -204,8 +207,10 @@ def _huge_numbers(model: str) -> Iterator[Case]:
                                                     "frequency_penalty"):
                     continue  # underflows to 0.0, a valid value there
                 yield _post(f"{path}/huge-{field}-{i}", path, _splice(make(model), field, number))
-        yield _post(f"{path}/huge-stop-token-id", path, _splice(make(model), "stop_token_ids", f"[{'9' * 400}]"))
-    yield _post("completions/huge-token-id", COMPLETIONS, _splice(completion(model), "prompt", f"[{'9' * 400}]"))
+        yield _post(f"{path}/huge-stop-token-id", path,
+                    _splice(make(model), "stop_token_ids", f"[{'9' * 400}]"))
+    yield _post("completions/huge-token-id", COMPLETIONS,
+                _splice(completion(model), "prompt", f"[{'9' * 400}]"))
     yield _post("completions/huge-token-id-nested", COMPLETIONS,
                 _splice(completion(model), "prompt", f"[[1, {'9' * 4000}]]"))
 
@@ -277,7 +282,8 @@ def _empty_messages(model: str) -> Iterator[Case]:
     for i, prompt in enumerate([[], [[]], [[1], []], [""], "", None]):
         if prompt in ([""], ""):
             # An empty text prompt is still a prompt (BOS); max_tokens 0 keeps it from the engine.
-            yield _post(f"completions/empty-prompt-{i}", COMPLETIONS, completion(model, prompt=prompt, max_tokens=0))
+            yield _post(f"completions/empty-prompt-{i}", COMPLETIONS,
+                        completion(model, prompt=prompt, max_tokens=0))
         else:
             yield _post(f"completions/empty-prompt-{i}", COMPLETIONS, completion(model, prompt=prompt))
     body = completion(model)
@@ -308,9 +314,16 @@ def _over_limits(model: str) -> Iterator[Case]:
     yield _post("completions/limit-prompts", COMPLETIONS, completion(model, prompt=["p"] * (MAX_CHOICES + 1)))
     yield _post("completions/limit-context-ids", COMPLETIONS, completion(model, prompt=[5] * 5000))
     yield _post("completions/limit-context-text", COMPLETIONS, completion(model, prompt="word " * 5000))
+    # Text that cannot fit whatever the tokenizer does is refused before tokenizing (seconds of CPU).
+    yield _post("completions/limit-prompt-chars", COMPLETIONS, completion(model, prompt="word " * 180_000))
+    yield _post("completions/limit-prompt-chars-list", COMPLETIONS,
+                completion(model, prompt=["short", "word " * 180_000]))
+    parts = [{"type": "text", "text": "w " * 400_000}]
+    yield _post("chat/limit-prompt-chars", CHAT, chat(model, messages=[{"role": "user", "content": parts}]))
     yield _post("chat/limit-messages", CHAT,
                 chat(model, messages=[{"role": "user", "content": "a"}] * (MAX_MESSAGES + 1)))
-    yield _post("chat/limit-context", CHAT, chat(model, messages=[{"role": "user", "content": "word " * 5000}]))
+    yield _post("chat/limit-context", CHAT,
+                chat(model, messages=[{"role": "user", "content": "word " * 5000}]))
     yield _post("completions/limit-long-model", COMPLETIONS, completion("M" * 20_000), status=404)
 
 
@@ -320,8 +333,8 @@ def _oversized(model: str) -> Iterator[Case]:
         pad = size - len(body)
         yield _post(f"completions/oversized-{size}", COMPLETIONS,
                     json.dumps(completion(model, prompt="z" * pad)).encode(), status=413)
-    yield _post("chat/oversized", CHAT, json.dumps(
-        chat(model, messages=[{"role": "user", "content": "q" * (MAX_BODY_BYTES + 10)}])).encode(), status=413)
+    long_message = [{"role": "user", "content": "q" * (MAX_BODY_BYTES + 10)}]
+    yield _post("chat/oversized", CHAT, json.dumps(chat(model, messages=long_message)).encode(), status=413)
     yield _post("completions/oversized-garbage", COMPLETIONS, b"\xff" * (MAX_BODY_BYTES + 1), status=413)
     yield _post("completions/oversized-deep", COMPLETIONS, b"[" * (MAX_BODY_BYTES + 1), status=413)
 
@@ -333,10 +346,12 @@ def _methods_and_paths(model: str) -> Iterator[Case]:
     for method in ("POST", "PUT", "DELETE"):
         yield Case(f"/v1/models/method-{method}", method, "/v1/models", JSON, b"{}", 405)
     for i, path in enumerate(["/v1", "/v1/", "/v2/completions", "/v1/completion", "/v1/completions/extra",
-                              "/V1/COMPLETIONS", "/v1/chat", "/v1/engines", "/v1/embeddings", "/%2e%2e/etc/passwd",
-                              "/v1/../../etc/passwd", "/v1/completions%00", "/" + "a" * 5000, "/v1/" + "%ff" * 10]):
+                              "/V1/COMPLETIONS", "/v1/chat", "/v1/engines", "/v1/embeddings",
+                              "/%2e%2e/etc/passwd", "/v1/../../etc/passwd", "/v1/completions%00",
+                              "/" + "a" * 5000, "/v1/" + "%ff" * 10]):
         yield Case(f"path-{i}", "POST" if i % 2 else "GET", path, JSON, b"{}", 404)
-    for i, model_id in enumerate(["no-such-model", "M" * 5000, "%00", "..%2f..%2fetc", "%F0%9F%92%A9", "a/b/c"]):
+    for i, model_id in enumerate(["no-such-model", "M" * 5000, "%00", "..%2f..%2fetc", "%F0%9F%92%A9",
+                                  "a/b/c"]):
         yield Case(f"models/retrieve-{i}", "GET", f"/v1/models/{model_id}", (), b"", 404)
 
 
@@ -398,11 +413,13 @@ def grpc_cases(vocab_size: int) -> list[GrpcCase]:
         b"\x12\xff\xff\xff\xff\x0f", b"{\"text\": \"json, not protobuf\"}", b"\x80" * 64,
     ]
     bad_values = {
-        "temperature-negative": generate(temperature=-1), "temperature-nan": generate(temperature=float("nan")),
+        "temperature-negative": generate(temperature=-1),
+        "temperature-nan": generate(temperature=float("nan")),
         "temperature-inf": generate(temperature=float("inf")), "top-p-zero": generate(top_p=0),
         "top-p-above-one": generate(top_p=1.5), "top-k": generate(top_k=-7), "min-p": generate(min_p=2),
         "max-tokens-zero": generate(max_tokens=0), "max-tokens-huge": generate(max_tokens=2**32 - 1),
-        "stop-empty": generate(stop=[""]), "stop-count": generate(stop=[f"s{i}" for i in range(MAX_STOP + 1)]),
+        "stop-empty": generate(stop=[""]),
+        "stop-count": generate(stop=[f"s{i}" for i in range(MAX_STOP + 1)]),
         "stop-chars": generate(stop=["x" * (MAX_STOP_CHARS + 1)]),
         "stop-token-ids-negative": generate(stop_token_ids=[-1]),
         "stop-token-ids-count": generate(stop_token_ids=list(range(MAX_STOP_TOKEN_IDS + 1))),
@@ -413,6 +430,7 @@ def grpc_cases(vocab_size: int) -> list[GrpcCase]:
         "max-token-id": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[MAX_INT32])),
         "context": pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 5000)),
         "oversized-text": pb.GenerateRequest(text="z" * (MAX_BODY_BYTES + 1)),
+        "long-text": pb.GenerateRequest(text="word " * 180_000),  # cannot fit: refused before tokenizing
     }
     cases = []
     for method in (GENERATE, GENERATE_STREAM):

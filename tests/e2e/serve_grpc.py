@@ -1,4 +1,5 @@
-"""Ray on loopback with Serve's HTTP and gRPC proxies, for test modules that speak both.
+"""Ray on loopback with Serve's HTTP and gRPC proxies, for test modules that speak both, and
+waiting for an app's engine to go idle.
 
 conftest's `serve_instance` starts the gRPC proxy without our services; a module that needs
 them overrides `serve_instance` with `serve_with_grpc(grpc_port)`.
@@ -6,6 +7,7 @@ them overrides `serve_instance` with `serve_with_grpc(grpc_port)`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -36,3 +38,15 @@ def engine_handle(app_name: str):
     from ray import serve
 
     return serve.get_deployment_handle("EngineDeployment", app_name=app_name)
+
+
+def wait_until_idle(app_name: str, timeout_s: float = 60):
+    """Poll the app's engine until no sequence runs or waits and no KV block is used; its stats."""
+    engine = engine_handle(app_name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = engine.stats.remote().result()
+        if stats.num_running + stats.num_waiting + stats.num_kv_blocks_used == 0:
+            return stats
+        assert time.monotonic() < deadline, f"the engine still holds sequences: {stats}"
+        time.sleep(0.1)

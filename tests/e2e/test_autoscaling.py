@@ -2,8 +2,10 @@
 
 Under a bounded streaming load (official `openai` client) Serve scales the engine deployment from
 1 to 2 replicas; both replicas serve requests (Serve's per-replica request counter, scraped from
-Ray's metrics export); when the load drops to one client, Serve drains a replica and goes back to
-1, and no request fails on the way, neither while scaling up nor during the drain. The
+Ray's metrics export); when the load drops, Serve drains a replica and goes back to 1, and no
+request fails on the way, neither while scaling up nor during the drain. That the removed replica
+really had streams in flight when Serve began stopping it, and finished them, is read from Serve's
+own logs (controller: "Stopping Replica"; replica: each stream's end and duration). The
 distributed variant (1 attention + 1 expert worker per group) also checks that a removed group's
 workers and placement group are gone.
 """
@@ -15,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -29,14 +32,14 @@ ENGINE = "EngineDeployment"
 # Short delays so a test sees both directions; a target of 4 streams per group, so 8 clients ask
 # for 2 groups.
 FAST = AutoscalingOptions(min_replicas=1, max_replicas=2, target_ongoing_requests=4, upscale_delay_s=2.0,
-                          downscale_delay_s=6.0, metrics_interval_s=1.0, look_back_period_s=3.0)
+                          downscale_delay_s=4.0, metrics_interval_s=1.0, look_back_period_s=3.0)
 NUM_CLIENTS = 8
 MAX_TOKENS = 24
 # Scale-down runs under four clients with long streams: 4 ongoing over a target of 4 asks for one
 # group, and with four streams spread over two replicas the one Serve removes (the newest) almost
 # surely has a stream in flight to drain.
 NUM_DRAIN_CLIENTS = 4
-DRAIN_MAX_TOKENS = 400  # a few seconds per stream, longer than a drain check (graceful_shutdown_wait_loop_s)
+DRAIN_MAX_TOKENS = 200  # a few seconds per stream, longer than a drain check (graceful_shutdown_wait_loop_s)
 MIN_SERVED_PER_REPLICA = 5
 MAX_REQUESTS_PER_CLIENT = 200  # the load stops on a signal; these bound it if the signal never comes
 MAX_LOAD_S = 240.0
@@ -160,14 +163,36 @@ def wait_for_two_replicas_served(metrics_url: str, app: str, timeout_s: float = 
         time.sleep(1.0)
 
 
-def drained_streams(app: str) -> list[int]:
-    """Ongoing requests each engine replica of `app` reported while draining (from Serve's replica logs)."""
+LOG_TIME = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
+
+
+def _log_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")
+
+
+def streams_in_flight_at_stop(app: str) -> dict[str, int]:
+    """For each engine replica Serve has begun to stop: how many streams it was serving at that
+    moment and still finished successfully (the drain). From Serve's own logs: the controller's
+    "Stopping Replica" line, and the replica's access log ("CALL generate OK <duration>" at the
+    end of each stream)."""
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-    return [int(m.group(1)) for log in logs.glob(f"replica_{app}_{ENGINE}_*.log")
-            for m in re.finditer(r"Waiting for an additional \S+ to shut down: (\d+) ongoing requests",
-                                 log.read_text(errors="replace"))]
+    stopped: dict[str, datetime] = {}
+    for log in logs.glob("controller_*.log"):
+        stop = LOG_TIME + rf".*Stopping Replica\(id='(\w+)', deployment='{ENGINE}', app='{app}'\)"
+        for m in re.finditer(stop, log.read_text(errors="replace")):
+            stopped.setdefault(m.group(2), _log_time(m.group(1)))
+    in_flight: dict[str, int] = {}
+    for replica, stop_time in stopped.items():
+        in_flight[replica] = 0
+        for log in logs.glob(f"replica_{app}_{ENGINE}_{replica}.log"):
+            for m in re.finditer(LOG_TIME + r".* CALL generate OK ([\d.]+)ms",
+                                 log.read_text(errors="replace")):
+                end = _log_time(m.group(1))
+                if end - timedelta(milliseconds=float(m.group(2))) < stop_time < end:
+                    in_flight[replica] += 1
+    return in_flight
 
 
 def eventually(probe, expected, timeout_s: float = 30.0):
@@ -238,19 +263,19 @@ def test_engine_scales_up_under_load_and_drains_back_to_one(cluster, demo_model_
         trickle = Load(server, NUM_DRAIN_CLIENTS, max_tokens=DRAIN_MAX_TOKENS).start()
         try:
             seen_down = wait_for_replicas(app, 1)
-            time.sleep(2.0)  # a few more requests on the surviving replica
         finally:
             trickle.finish()
         assert trickle.failures == [], trickle.failures[:3]
         assert trickle.ok > 0
-        drained = drained_streams(app)
-        assert any(n > 0 for n in drained), f"the removed replica had no stream to drain: {drained}"
+        drained = streams_in_flight_at_stop(app)
+        assert len(drained) == 1, f"not exactly one replica was stopped: {drained}"
+        assert sum(drained.values()) > 0, f"the removed replica had no stream to drain: {drained}"
 
         if distributed:
             # The removed replica's destructor shut its workers down and Serve freed its group.
             assert eventually(group_size, (1, 1, pgs_before)) == (1, 1, pgs_before)
         print(f"\n[{app}] up: {seen_up}  down: {seen_down}  requests per replica: {dict(served)}  "
-              f"drain waited on {drained}  "
+              f"streams drained: {drained}  "
               f"heavy ok={heavy.ok} trickle ok={trickle.ok}")
     finally:
         serve.delete(app)

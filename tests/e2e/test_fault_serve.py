@@ -65,8 +65,9 @@ def deploy(url: str, model_dir, name: str, **options):
     """The app as `moe-serve serve` builds it; the model is named after the app (metrics labels)."""
     from gateway.app import ServeOptions
 
-    opts = ServeOptions(model_dir=str(model_dir), model_name=name, num_attention_workers=1, num_expert_workers=2,
-                        num_cpus_per_worker=0.25, max_num_seqs=64, num_kv_blocks=512, **options)
+    opts = ServeOptions(model_dir=str(model_dir), model_name=name, num_attention_workers=1,
+                        num_expert_workers=2, num_cpus_per_worker=0.25, max_num_seqs=64, num_kv_blocks=512,
+                        **options)
     return run_app(url, opts, name, "/")
 
 
@@ -84,12 +85,14 @@ def prompt(i: int) -> str:
 
 async def stream_all(server, on_chunk=None) -> list[tuple[str, str]]:
     """NUM_REQUESTS greedy streams at once through the openai client; (text, finish_reason) each."""
-    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=RUN_DEADLINE_S)
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0,
+                                timeout=RUN_DEADLINE_S)
 
     async def one(i: int) -> tuple[str, str]:
         text, finish = "", None
-        stream = await client.completions.create(model=server.model_name, prompt=prompt(i), max_tokens=MAX_TOKENS,
-                                                 temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+        stream = await client.completions.create(model=server.model_name, prompt=prompt(i),
+                                                 max_tokens=MAX_TOKENS, temperature=0.0, stream=True,
+                                                 extra_body={"ignore_eos": True})
         async for chunk in stream:
             text += chunk.choices[0].text
             finish = chunk.choices[0].finish_reason or finish
@@ -108,7 +111,7 @@ def scrape(url: str, model: str) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
         for s in fam.samples:
-            if s.labels.get("model") == model and ("fault" in s.name or "recover" in s.name or "restart" in s.name):
+            if s.labels.get("model") == model and any(w in s.name for w in ("fault", "recover", "restart")):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k in
                                   ("rank", "kind", "cause", "outcome"))
                 out[f"{s.name}{{{labels}}}"] = out.get(f"{s.name}{{{labels}}}", 0) + s.value
@@ -140,8 +143,9 @@ def test_sigkill_expert_while_50_streams_run_recovers_with_identical_text(serve_
 
         # The group keeps serving, and is ready again.
         assert httpx.get(f"{server.url}/ready", timeout=30).status_code == 200
-        again = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0).completions.create(
-            model=server.model_name, prompt=prompt(3), max_tokens=MAX_TOKENS, temperature=0.0, extra_body={"ignore_eos": True})
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        again = client.completions.create(model=server.model_name, prompt=prompt(3), max_tokens=MAX_TOKENS,
+                                          temperature=0.0, extra_body={"ignore_eos": True})
         assert again.choices[0].text == want[3][0]
 
         # Metrics name the failed worker's kind and cause, count the recovery and the restarts.
@@ -176,8 +180,8 @@ def test_unrecoverable_fault_ends_every_request_explicitly_and_turns_ready_red(s
     from ray import serve
 
     server = deploy(serve_instance, demo_model_dir, "faults-fatal", max_recoveries=0)
-    long_body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0.0,
-                 "ignore_eos": True}
+    long_body = {"model": server.model_name, "prompt": "Once upon a time", "max_tokens": 400,
+                 "temperature": 0.0, "ignore_eos": True}
     results: dict[str, object] = {}
     channel = grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}")
     try:
@@ -190,7 +194,8 @@ def test_unrecoverable_fault_ends_every_request_explicitly_and_turns_ready_red(s
             max_tokens=400, temperature=0.0, ignore_eos=True))
 
         def unary_http():
-            results["http"] = httpx.post(f"{server.base_url}/completions", json=long_body, timeout=RUN_DEADLINE_S)
+            results["http"] = httpx.post(f"{server.base_url}/completions", json=long_body,
+                                         timeout=RUN_DEADLINE_S)
 
         def grpc_stream():
             try:
@@ -236,7 +241,8 @@ def test_unrecoverable_fault_ends_every_request_explicitly_and_turns_ready_red(s
             health_pb2.HealthCheckResponse.NOT_SERVING
         late = httpx.post(f"{server.base_url}/completions", json={**long_body, "max_tokens": 4}, timeout=60)
         assert late.status_code == 503 and late.json()["error"]["code"] == "service_unavailable"
-        late_stream = httpx.post(f"{server.base_url}/completions", json={**long_body, "stream": True}, timeout=60)
+        late_stream = httpx.post(f"{server.base_url}/completions", json={**long_body, "stream": True},
+                                 timeout=60)
         assert late_stream.status_code == 503
         with pytest.raises(grpc.RpcError) as late_grpc:
             stub.Generate(grpc_req, timeout=60)

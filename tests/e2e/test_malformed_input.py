@@ -105,8 +105,9 @@ def test_the_corpus_covers_every_category_with_at_least_500_cases(vocab_size):
     cases = http_cases("demo", API_KEY, vocab_size)
     assert len(cases) >= 500
     categories = Counter(c.name.rsplit("/", 1)[-1].split("-")[0] for c in cases)
-    for category in ("invalid", "truncated", "type", "non", "lone", "deep", "huge", "NaN", "Infinity", "range",
-                     "unknown", "messages", "empty", "oov", "limit", "oversized", "method", "path", "content"):
+    for category in ("invalid", "truncated", "type", "non", "lone", "deep", "huge", "NaN", "Infinity",
+                     "range", "unknown", "messages", "empty", "oov", "limit", "oversized", "method", "path",
+                     "content"):
         assert categories[category] >= 1, category
     assert Counter(c.status for c in cases).keys() == DOCUMENTED_HTTP
     assert len(grpc_cases(vocab_size)) >= 50

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+
 import grpc
 import httpx
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Server, free_port, run_app
-from tests.e2e.serve_grpc import engine_handle, serve_with_grpc
+from tests.e2e.serve_grpc import serve_with_grpc, wait_until_idle
 
 MAX_NUM_SEQS = 2
 MAX_QUEUED_REQUESTS = 4
@@ -59,15 +60,6 @@ def completion(server: Server, max_tokens: int = MAX_TOKENS) -> dict:
             "ignore_eos": True}
 
 
-def wait_until_idle(server: Server, timeout_s: float = 60):
-    engine = engine_handle(server.app_name)
-    deadline = time.monotonic() + timeout_s
-    while (stats := engine.stats.remote().result()).num_running + stats.num_waiting + stats.num_kv_blocks_used:
-        assert time.monotonic() < deadline, f"the engine did not go idle: {stats}"
-        time.sleep(0.1)
-    return stats
-
-
 def test_a_burst_of_ten_times_capacity_is_shed_early(server):
     async def burst() -> list[tuple[httpx.Response, float]]:
         limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
@@ -97,7 +89,7 @@ def test_a_burst_of_ten_times_capacity_is_shed_early(server):
     # Early: every refusal came back before the first admitted request finished, i.e. none of
     # them waited for a slot.
     assert max(t for _, t in shed) < min(done)
-    wait_until_idle(server)
+    wait_until_idle(server.app_name)
     # ... and the server is fine afterwards.
     with httpx.Client(timeout=120) as client:
         for _ in range(3):
@@ -119,6 +111,6 @@ def test_a_grpc_burst_gets_resource_exhausted(server, stub):
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 2 * CAPACITY, codes
     exhausted = next(call for call in calls if call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "overloaded" in exhausted.details()
-    wait_until_idle(server)
+    wait_until_idle(server.app_name)
     assert stub.Generate(pb.GenerateRequest(text="after", sampling=pb.SamplingParams(max_tokens=4)),
                          timeout=60).usage.completion_tokens == 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 
 import pytest
 
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 SOAK_S = 300.0
 CAPACITY_CONCURRENCY = 8
+BURST = 32  # the e2e app's max_num_seqs: the warm-up reaches the largest batch the soak can make
+RSS_EVERY_S = 30.0
 INPUT_LEN, OUTPUT_LEN = 64, 32
 MB = 1024 * 1024
 # Process titles Ray gives the processes of our app and its model group.
@@ -64,8 +67,24 @@ def rss(pids) -> dict[int, int]:
     return {pid: psutil.Process(pid).memory_info().rss for pid in pids}
 
 
+class RssSampler(threading.Thread):
+    """RSS of `pids` every RSS_EVERY_S while the soak runs: a leak climbs steadily, a warm-up
+    effect (allocator pools, a larger batch than before) steps once and stays flat."""
+
+    def __init__(self, pids) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.samples, self.stop = list(pids), [], threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(RSS_EVERY_S):
+            self.samples.append(rss(self.pids))
+
+
 def test_soak_at_half_capacity_has_no_errors_and_flat_memory(openai_server):
-    # Capacity at a fixed concurrency; its first requests are the warm-up.
+    # Warm-up: a burst as large as the engine runs at once, then the capacity at a fixed concurrency
+    # (its first requests are warm-ups too).
+    warmup = bench(openai_server, num_prompts=BURST, seed=0, load=LoadConfig())
+    assert warmup.summary.failed == 0, {r.error for r in warmup.records if not r.ok}
     load = LoadConfig(max_concurrency=CAPACITY_CONCURRENCY, num_warmups=2 * CAPACITY_CONCURRENCY)
     capacity = bench(openai_server, num_prompts=48, seed=1, load=load)
     print("\n" + format_report(capacity.summary, title="capacity", records=capacity.records))
@@ -78,8 +97,14 @@ def test_soak_at_half_capacity_has_no_errors_and_flat_memory(openai_server):
     assert kinds == {"Ingress", "EngineDeployment", "AttentionWorker", "ExpertWorker"}, processes
     before = rss(processes)
 
-    soak = bench(openai_server, num_prompts=math.ceil(rate * SOAK_S * 2) + 10, seed=2,
-                 load=LoadConfig(request_rate=rate, max_duration_s=SOAK_S))
+    sampler = RssSampler(processes)
+    sampler.start()
+    try:
+        soak = bench(openai_server, num_prompts=math.ceil(rate * SOAK_S * 2) + 10, seed=2,
+                     load=LoadConfig(request_rate=rate, max_duration_s=SOAK_S))
+    finally:
+        sampler.stop.set()
+        sampler.join()
     print(format_report(soak.summary, title=f"soak at {rate:.2f} req/s", records=soak.records))
 
     assert soak.summary.failed == 0, {r.error for r in soak.records if not r.ok}
@@ -88,5 +113,7 @@ def test_soak_at_half_capacity_has_no_errors_and_flat_memory(openai_server):
     after = rss(processes)
     for pid, title in processes.items():
         growth, limit = after[pid] - before[pid], max(0.05 * before[pid], 50 * MB)
-        print(f"{title:<45} rss {before[pid] / MB:8.1f} → {after[pid] / MB:8.1f} MB ({growth / MB:+.1f})")
+        trajectory = " ".join(f"{s[pid] / MB:.0f}" for s in sampler.samples)
+        print(f"{title:<40} rss {before[pid] / MB:7.1f} → {after[pid] / MB:7.1f} MB ({growth / MB:+5.1f}); "
+              f"every {RSS_EVERY_S:g} s: {trajectory}")
         assert growth < limit, f"{title} (pid {pid}) grew {growth / MB:.1f} MB, limit {limit / MB:.1f} MB"
