@@ -16,7 +16,7 @@ with an exception.
 The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
 `model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it),
 `max_prompt_chars` (longer text cannot fit), `options.max_body_bytes`, `api_key` (None: no
-authentication) and `request_timeout_s` (None: no server deadline).
+authentication) and `options.request_timeout_s` (None: no server deadline).
 
 Deadlines: Serve's proxy does not pass the call's own deadline on, but it cancels the call when
 the deadline passes, which aborts the engine request; a budget the engine itself enforces comes
@@ -215,7 +215,7 @@ class GrpcMethods:
             client_s = None if header is None else parse_timeout(header)
         except ValueError as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        return effective_timeout(self.request_timeout_s, client_s)
+        return effective_timeout(self.options.request_timeout_s, client_s)
 
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
         metadata = dict(grpc_context.invocation_metadata()) if self.api_key is not None else {}

@@ -27,7 +27,9 @@ GENERATED_DIR = GATEWAY_DIR / "_generated"
 PACKAGE = "gateway._generated.moe_serve.v1"
 
 # Import paths Serve's proxy resolves. Ours goes through this module so that the proxy generates
-# the stubs first on a node that has none yet.
+# the stubs first on a node that has none yet; it also registers server reflection (routed to the
+# ingress, behind the API key, when Serve's own is off) and parses request bytes tolerantly
+# (gateway/grpc_parsing.py).
 MOE_SERVE_SERVICER_ADDER = "gateway.grpc_stubs.add_MoeServeServicer_to_server"
 HEALTH_SERVICER_ADDER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 

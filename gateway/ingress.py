@@ -106,7 +106,6 @@ class Ingress(GrpcMethods):
         self.tokenizer = Tokenizer.from_dir(options.model_dir)
         self.model_name = options.model_name
         self.api_key = options.api_key
-        self.request_timeout_s = options.request_timeout_s
         # The engine's limits, asked once: this replica is ready only when an engine replica is.
         info: ModelInfo = await engine.info.remote()
         self.max_model_len = info.max_model_len
@@ -225,7 +224,7 @@ class Ingress(GrpcMethods):
             client_s = None if header is None else parse_timeout(header)
         except ValueError as exc:
             raise errors.bad_request(str(exc), param=REQUEST_TIMEOUT_HEADER, code="invalid_value") from None
-        return effective_timeout(self.request_timeout_s, client_s)
+        return effective_timeout(self.options.request_timeout_s, client_s)
 
     def _check_request(self, body: SamplingFields) -> None:
         if body.model != self.model_name:

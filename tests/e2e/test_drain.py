@@ -161,7 +161,7 @@ def test_streams_still_running_at_the_drain_deadline_end_with_an_error_event(ser
     from ray import serve
 
     server = start_app(serve_instance, demo_model_dir, "drain-deadline")
-    reader = StreamReader(server, max_tokens=5000)
+    reader = StreamReader(server, max_tokens=3000)
     reader.start()
     assert reader.started.wait(60)
     with draining(server.app_name, timeout_s=2) as state:
