@@ -15,7 +15,7 @@ with an exception.
 
 The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
 `model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it),
-`max_prompt_chars` (longer text cannot fit), `options.max_body_bytes`, `api_key` (None: no
+`max_prompt_chars` (longer text cannot fit), `max_request_bytes`, `api_key` (None: no
 authentication) and `options.request_timeout_s` (None: no server deadline).
 
 Deadlines: Serve's proxy does not pass the call's own deadline on, but it cancels the call when
@@ -49,7 +49,7 @@ from gateway.errors import clip, clip_value
 from gateway.generation_request import GenerationRequest
 from gateway.grpc_parsing import MalformedMessage
 from gateway.grpc_stubs import moe_serve_pb2 as pb
-from gateway.request_limits import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
+from gateway.request_limits import DEFAULT_MAX_BODY_BYTES, MAX_STOP, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS
 from workers.sampling_params import SamplingParams, SamplingParamsError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moe_serve.v1.MoeServe"
@@ -57,6 +57,12 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REFLECTION_SERVICE_NAME = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"].full_name
 HEALTH_CHECK_TIMEOUT_S = 5.0
 HEALTH_WATCH_INTERVAL_S = 1.0
+# A Watch stream yields only on a change, and Serve's proxy notices that its client left only when
+# it writes: a cancelled watch goes on polling until it ends. So watches end after
+# HEALTH_WATCH_MAX_S (the client watches again) and a replica runs at most MAX_HEALTH_WATCHES,
+# since health needs no key (tests/e2e/test_auth_routes.py opens and cancels some).
+HEALTH_WATCH_MAX_S = 300.0
+MAX_HEALTH_WATCHES = 64
 
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -153,28 +159,49 @@ class GrpcMethods:
             self, request_stream: AsyncIterator[reflection_pb2.ServerReflectionRequest],
             grpc_context: RayServegRPCContext) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         """What grpcurl and grpcui ask; grpc_reflection's own servicer answers once the key matches."""
+        async def parsed() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            async for request in request_stream:
+                _check_parsed(request)
+                yield request
+
+        servicer = ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME])
         try:
             self._authenticate(grpc_context)
+            async for response in servicer.ServerReflectionInfo(parsed(), grpc_context):
+                yield response
         except GrpcError as err:
             err.set_on(grpc_context)
             raise
-        servicer = ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME])
-        async for response in servicer.ServerReflectionInfo(request_stream, grpc_context):
-            yield response
+
+    _num_watches = 0  # Watch streams running on this replica
+    # The ingress sets these (gateway/request_limits.py); the class values are a bare mixin's.
+    max_prompt_chars: int | None = None  # None: no bound before tokenizing
+    max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
+                    grpc_context: RayServegRPCContext | None = None,
                     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The status now and at every change, until the client hangs up (a poll each second)."""
+        """The status now and at every change (a poll each second), for at most HEALTH_WATCH_MAX_S."""
         if request.service not in ("", SERVICE_NAME):
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        last = None
-        while True:
-            status = await self._serving_status()
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+        if self._num_watches >= MAX_HEALTH_WATCHES:
+            err = GrpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"at most {MAX_HEALTH_WATCHES} health watches at once; use Check, or retry later")
+            if grpc_context is not None:
+                err.set_on(grpc_context)
+            raise err
+        self._num_watches += 1
+        try:
+            last, end = None, time.monotonic() + HEALTH_WATCH_MAX_S
+            while time.monotonic() < end:
+                status = await self._serving_status()
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(HEALTH_WATCH_INTERVAL_S)
+        finally:
+            self._num_watches -= 1
 
     async def _serving_status(self) -> health_pb2.HealthCheckResponse.ServingStatus:
         """SERVING when the engine deployment answers `ready()` with True in time."""
@@ -190,9 +217,9 @@ class GrpcMethods:
         """Authenticate and validate a request and turn it into the engine's message."""
         self._authenticate(grpc_context)
         _check_parsed(request)
-        if request.ByteSize() > self.options.max_body_bytes:  # the HTTP body limit, for the same work
+        if request.ByteSize() > self.max_request_bytes:  # the HTTP body limit, for the same work
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the request is larger than the limit of {self.options.max_body_bytes} bytes")
+                            f"the request is larger than the limit of {self.max_request_bytes} bytes")
         if request.model and request.model != self.model_name:
             raise GrpcError(grpc.StatusCode.NOT_FOUND,
                             f"model {clip(request.model)!r} is not served here, {self.model_name!r} is")
@@ -226,8 +253,8 @@ class GrpcMethods:
     def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         which = request.WhichOneof("prompt")
         if which == "text":
-            if len(request.text) > self.max_prompt_chars:  # cannot fit: refused before tokenizing
-                raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
+            if self.max_prompt_chars is not None and len(request.text) > self.max_prompt_chars:
+                raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,  # refused before tokenizing it
                                 f"text: {len(request.text)} characters cannot fit in the model's context "
                                 f"of {self.max_model_len} tokens")
             ids = tuple(self.tokenizer.encode(request.text))

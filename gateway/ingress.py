@@ -61,13 +61,12 @@ from gateway.protocol import (
     ModelList,
     SamplingFields,
 )
-from gateway.request_limits import max_prompt_chars
+from gateway.request_limits import DEFAULT_MAX_BODY_BYTES, max_prompt_chars
 from gateway.response_view import ChatView, CompletionView, ResponseView, sse_events
 from workers.sampling_params import SamplingParams, SamplingParamsError
 from workers.tokenizer import ChatTemplateError, Tokenizer
 
 T = TypeVar("T")
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 READY_TIMEOUT_S = 10.0
 
 
@@ -112,6 +111,7 @@ class Ingress(GrpcMethods):
         self.vocab_size = info.vocab_size
         self.max_prompt_chars = max_prompt_chars(self.max_model_len,
                                                  self.tokenizer.backend.get_vocab(with_added_tokens=True))
+        self.max_request_bytes = options.max_body_bytes
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -148,7 +148,10 @@ class Ingress(GrpcMethods):
             raise errors.service_unavailable(f"Unavailable: {_cause(exc)}.") from None
         except DeadlineExceeded as exc:
             raise errors.request_timeout(f"Request timed out: {_cause(exc)}.") from None
-        except (BackPressureError, DeploymentUnavailableError, RayActorError) as exc:
+        except BackPressureError:  # Serve's own queue in front of the engine replicas is full
+            raise errors.service_unavailable("The server is overloaded: too many requests are queued; "
+                                             "retry later.") from None
+        except (DeploymentUnavailableError, RayActorError) as exc:
             raise errors.service_unavailable(f"The engine is not available: {type(exc).__name__}.") from None
         except ValueError as exc:  # admission refused it (Ray re-raises it as RayTaskError(ValueError))
             raise errors.bad_request(str(getattr(exc, "cause", None) or exc)) from None

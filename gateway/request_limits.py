@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # IngressOptions.max_body_bytes: HTTP bodies, gRPC request messages
 MAX_N = 8  # choices per prompt
 MAX_CHOICES = 64  # prompts × n per request: one request may not flood the engine
 MAX_STOP = 16  # stop strings per request

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gateway.request_limits import (
+    DEFAULT_MAX_BODY_BYTES,
     MAX_CHOICES,
     MAX_INT32,
     MAX_MESSAGES,
@@ -28,7 +29,7 @@ from gateway.request_limits import (
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 JSON = (("content-type", "application/json"),)
-MAX_BODY_BYTES = 1 << 20  # the default IngressOptions.max_body_bytes the test server runs with
+MAX_BODY_BYTES = DEFAULT_MAX_BODY_BYTES  # the test servers run with the default
 
 
 @dataclass(frozen=True)
@@ -386,6 +387,7 @@ def _authentication(model: str, api_key: str) -> Iterator[Case]:
 GENERATE = "/moe_serve.v1.MoeServe/Generate"
 GENERATE_STREAM = "/moe_serve.v1.MoeServe/GenerateStream"
 LIST_MODELS = "/moe_serve.v1.MoeServe/ListModels"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"  # client-streaming too
 
 
 @dataclass(frozen=True)
@@ -445,6 +447,8 @@ def grpc_cases(vocab_size: int) -> list[GrpcCase]:
                            .SerializeToString(), "NOT_FOUND")]
     cases += [GrpcCase(f"ListModels/not-protobuf-{i}", LIST_MODELS, raw, "INVALID_ARGUMENT")
               for i, raw in enumerate(not_protobuf[:5])]  # broken at the wire level: no message parses
+    cases += [GrpcCase(f"ServerReflectionInfo/not-protobuf-{i}", REFLECTION, raw, "INVALID_ARGUMENT")
+              for i, raw in enumerate(not_protobuf[:5])]
     cases += [GrpcCase("unknown-method", "/moe_serve.v1.MoeServe/Nope", b"", "UNIMPLEMENTED"),
               GrpcCase("unknown-service", "/moe_serve.v2.MoeServe/Generate", b"", "UNIMPLEMENTED")]
     return cases

@@ -13,6 +13,7 @@ import json
 
 import grpc
 import httpx
+import openai
 import pytest
 
 from gateway.grpc_stubs import moe_serve_pb2 as pb
@@ -80,6 +81,15 @@ def test_past_its_deadline_a_request_gets_408_and_is_aborted(server):
     assert (error["type"], error["code"]) == ("timeout_error", "timeout") and "deadline" in error["message"]
     stats = wait_until_idle(server.app_name)
     assert 0 < stats.num_generated_tokens - before < LONG  # it ran, and was stopped
+
+
+def test_the_official_client_sees_the_408(server):
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=server.model_name, prompt="Deadlines", max_tokens=LONG,
+                                  extra_headers={"X-Request-Timeout": "1"}, extra_body={"ignore_eos": True})
+    assert err.value.status_code == 408 and err.value.body["code"] == "timeout"
+    wait_until_idle(server.app_name)
 
 
 def test_a_started_stream_ends_with_a_timeout_event_then_done(server):

@@ -138,3 +138,47 @@ def test_tolerant_parsing_turns_bad_bytes_into_a_malformed_message():
     assert isinstance(bad, MalformedMessage) and bad.message_type == "moe_serve.v1.GenerateRequest"
     assert "4 bytes" in bad.reason
     assert tolerant(None) is None
+
+
+class FakeContext:
+    def set_code(self, code) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+
+def test_health_watches_are_bounded_in_number_and_time(monkeypatch):
+    """Health needs no key, and a cancelled Watch cannot tell its client left (it yields only on a
+    change): so a replica runs at most MAX_HEALTH_WATCHES of them, each for a bounded time."""
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    from gateway import grpc_methods
+
+    monkeypatch.setattr(grpc_methods, "HEALTH_WATCH_INTERVAL_S", 0.01)
+
+    class Ingress(grpc_methods.GrpcMethods):
+        async def _serving_status(self):
+            return health_pb2.HealthCheckResponse.SERVING
+
+    async def main():
+        ingress, request = Ingress(), health_pb2.HealthCheckRequest()
+        watches = [ingress.Watch(request, FakeContext()) for _ in range(grpc_methods.MAX_HEALTH_WATCHES)]
+        for watch in watches:
+            assert (await anext(watch)).status == health_pb2.HealthCheckResponse.SERVING
+        context = FakeContext()
+        with pytest.raises(grpc_methods.GrpcError):
+            await anext(ingress.Watch(request, context))
+        assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await watches.pop().aclose()  # a client that hangs up frees its slot
+        monkeypatch.setattr(grpc_methods, "HEALTH_WATCH_MAX_S", 0.05)
+        last = ingress.Watch(request, FakeContext())
+        await anext(last)
+        with pytest.raises(StopAsyncIteration):  # and a watch ends by itself
+            await asyncio.wait_for(anext(last), 5)
+        for watch in watches:
+            await watch.aclose()
+        assert ingress._num_watches == 0
+
+    asyncio.run(main())
