@@ -16,7 +16,7 @@ with an exception.
 The ingress that mixes this in provides `engine` (a handle to `EngineDeployment`), `tokenizer`,
 `model_name`, `max_model_len`, `vocab_size` (the model's: token ids must be below it),
 `max_prompt_chars` (longer text cannot fit), `max_request_bytes`, `api_key` (None: no
-authentication) and `options.request_timeout_s` (None: no server deadline).
+authentication) and `request_timeout_s` (None: no server deadline).
 
 Deadlines: Serve's proxy does not pass the call's own deadline on, but it cancels the call when
 the deadline passes, which aborts the engine request; a budget the engine itself enforces comes
@@ -177,6 +177,7 @@ class GrpcMethods:
     # The ingress sets these (gateway/request_limits.py); the class values are a bare mixin's.
     max_prompt_chars: int | None = None  # None: no bound before tokenizing
     max_request_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout_s: float | None = None  # the server's deadline (gateway/deadline.py); None: none
 
     async def Watch(self, request: health_pb2.HealthCheckRequest,
                     grpc_context: RayServegRPCContext | None = None,
@@ -242,7 +243,7 @@ class GrpcMethods:
             client_s = None if header is None else parse_timeout(header)
         except ValueError as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        return effective_timeout(self.options.request_timeout_s, client_s)
+        return effective_timeout(self.request_timeout_s, client_s)
 
     def _authenticate(self, grpc_context: RayServegRPCContext) -> None:
         metadata = dict(grpc_context.invocation_metadata()) if self.api_key is not None else {}

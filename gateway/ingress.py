@@ -112,6 +112,7 @@ class Ingress(GrpcMethods):
         self.max_prompt_chars = max_prompt_chars(self.max_model_len,
                                                  self.tokenizer.backend.get_vocab(with_added_tokens=True))
         self.max_request_bytes = options.max_body_bytes
+        self.request_timeout_s = options.request_timeout_s
         self.created = int(time.time())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -227,7 +228,7 @@ class Ingress(GrpcMethods):
             client_s = None if header is None else parse_timeout(header)
         except ValueError as exc:
             raise errors.bad_request(str(exc), param=REQUEST_TIMEOUT_HEADER, code="invalid_value") from None
-        return effective_timeout(self.options.request_timeout_s, client_s)
+        return effective_timeout(self.request_timeout_s, client_s)
 
     def _check_request(self, body: SamplingFields) -> None:
         if body.model != self.model_name:

@@ -24,6 +24,7 @@ from tests.e2e.serve_grpc import engine_handle, serve_with_grpc, wait_until_idle
 LONG = 3000  # tokens: no request here gets to finish on its own
 NUM_GONE = 100  # clients that go away in the disconnect test
 CONCURRENCY = 10  # of them at a time: below the app's capacity, so none is shed
+SERVER_TIMEOUT_S = 15.0  # the app's request_timeout_s: far shorter than LONG tokens take here
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def server(serve_instance, demo_model_dir) -> Server:
 
     options = ServeOptions(model_dir=str(demo_model_dir), model_name="demo", num_expert_workers=0,
                            num_cpus_per_worker=0.25, max_num_seqs=16, num_kv_blocks=1024,
-                           max_queued_requests=64)
+                           max_queued_requests=64, request_timeout_s=SERVER_TIMEOUT_S)
     return run_app(serve_instance, options, "deadlines", "/")
 
 
@@ -89,6 +90,14 @@ def test_the_official_client_sees_the_408(server):
         client.completions.create(model=server.model_name, prompt="Deadlines", max_tokens=LONG,
                                   extra_headers={"X-Request-Timeout": "1"}, extra_body={"ignore_eos": True})
     assert err.value.status_code == 408 and err.value.body["code"] == "timeout"
+    wait_until_idle(server.app_name)
+
+
+def test_the_servers_deadline_applies_and_a_client_cannot_extend_it(server):
+    resp = httpx.post(f"{server.base_url}/completions", json=long_completion(server),
+                      headers={"X-Request-Timeout": "600"}, timeout=120)
+    assert resp.status_code == 408, resp.text
+    assert f"{SERVER_TIMEOUT_S:g} s deadline" in resp.json()["error"]["message"]
     wait_until_idle(server.app_name)
 
 

@@ -57,3 +57,20 @@ def test_drained_when_every_reporting_replica_is_idle():
     assert drained({})  # nobody saw the signal: nobody admitted anything since
     assert drained({"a": 0, "b": 0})
     assert not drained({"a": 0, "b": 2})
+
+
+@pytest.mark.parametrize(("exc", "code"), [
+    (EngineOverloaded("full"), "RESOURCE_EXHAUSTED"),
+    (EngineDraining("bye"), "UNAVAILABLE"),
+    (DeadlineExceeded("late"), "DEADLINE_EXCEEDED"),
+])
+def test_grpc_status_of_each_refusal(exc, code):
+    import grpc
+    from ray.exceptions import RayTaskError
+
+    from gateway.grpc_methods import engine_error
+
+    assert engine_error(exc).code == getattr(grpc.StatusCode, code)
+    # As the ingress sees it: raised in the engine replica, re-raised by Ray.
+    wrapped = RayTaskError("generate", "Traceback ...", exc).as_instanceof_cause()
+    assert isinstance(wrapped, type(exc)) and engine_error(wrapped).code == getattr(grpc.StatusCode, code)
