@@ -93,8 +93,8 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on /v1 (default: $MOE_SERVE_API_KEY; "
-                             "none: no authentication)")
+                        help="require 'Authorization: Bearer KEY' on every route and RPC but /health, /ready "
+                             "and gRPC health (default: $MOE_SERVE_API_KEY; none: no authentication)")
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
                         help="requests that may wait per model group; more get 429 + Retry-After "
                              f"(default {DEFAULT_MAX_QUEUED_REQUESTS})")

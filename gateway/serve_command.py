@@ -48,7 +48,9 @@ def run_serve(options: ServeOptions, address: str | None = None) -> int:
         servicers = grpc_servicer_functions()
         serve.start(
             http_options={"host": options.host, "port": options.port},
-            grpc_options={"port": options.grpc_port, "grpc_servicer_functions": servicers},
+            # Serve's own reflection answers without a key; the ingress serves reflection behind it.
+            grpc_options={"port": options.grpc_port, "grpc_servicer_functions": servicers,
+                          "enable_reflection": False},
         )
         serve.run(build_app(options), name=APP_NAME, route_prefix="/", blocking=False)
         print(banner(options, grpc=bool(servicers)), flush=True)
