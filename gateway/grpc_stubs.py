@@ -114,11 +114,13 @@ def __getattr__(name: str) -> object:
     pb2_grpc = importlib.import_module(f"{PACKAGE}.moe_serve_pb2_grpc")
     from grpc_reflection.v1alpha.reflection_pb2_grpc import add_ServerReflectionServicer_to_server
 
+    from gateway.grpc_cancel import cancel_safe_streams  # a cancelled stream always aborts its sequence
     from gateway.grpc_parsing import tolerant_adder  # bad request bytes: INVALID_ARGUMENT, not UNKNOWN
 
     # Server reflection is registered with our service, so that Serve's proxy routes it to the
     # ingress (which checks the API key) like any method of ours (gateway/grpc_methods.py).
-    adder = tolerant_adder(pb2_grpc.add_MoeServeServicer_to_server, add_ServerReflectionServicer_to_server)
+    adder = cancel_safe_streams(
+        tolerant_adder(pb2_grpc.add_MoeServeServicer_to_server, add_ServerReflectionServicer_to_server))
     globals().update(moe_serve_pb2=pb2, moe_serve_pb2_grpc=pb2_grpc, add_MoeServeServicer_to_server=adder)
     return globals()[name]
 

@@ -209,6 +209,33 @@ def test_cancelling_a_stream_frees_its_sequence(stub, auth, server):
     assert stats.num_generated_tokens - generated_before < 2000
 
 
+def test_concurrent_cancelled_streams_all_free_their_sequences(stub, auth, server):
+    """Cancels that land while the proxy writes a message, which concurrent streams make common,
+    free their sequences too (gateway/grpc_cancel.py): none runs on towards its 2000 tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    engine = serve.get_deployment_handle("EngineDeployment", server.app_name)
+    generated_before = engine.stats.remote().result().num_generated_tokens
+    num_streams = 16
+
+    def cancel_after_a_few_messages(_: int) -> None:
+        stream = stub.GenerateStream(greedy(max_tokens=2000), metadata=auth, timeout=120)
+        next(stream), next(stream), next(stream)
+        stream.cancel()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(cancel_after_a_few_messages, range(num_streams)))
+    deadline = time.monotonic() + 60
+    while (stats := engine.stats.remote().result()).num_running + stats.num_waiting:
+        assert time.monotonic() < deadline, f"{stats.num_running} cancelled streams still run"
+        time.sleep(0.1)
+    assert stats.num_kv_blocks_used == 0
+    # A few tokens each before the cancel lands; one stream left running would add up to 2000.
+    assert stats.num_generated_tokens - generated_before < num_streams * 40
+
+
 def test_http_and_grpc_give_the_same_greedy_text(stub, auth, server):
     body = {"model": server.model_name, "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
             "ignore_eos": True}
