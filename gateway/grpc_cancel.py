@@ -44,7 +44,8 @@ def _wrap_handler_factory(server) -> None:
 
     def wrapped_factory(service_method: str, streaming_type) -> Callable:
         handler = factory(service_method=service_method, streaming_type=streaming_type)
-        return pulled_by_own_task(handler) if getattr(streaming_type, "name", "") == "UNARY_STREAM" else handler
+        is_server_stream = getattr(streaming_type, "name", "") == "UNARY_STREAM"
+        return pulled_by_own_task(handler) if is_server_stream else handler
 
     setattr(wrapped_factory, _WRAPPED, True)
     server.service_handler_factory = wrapped_factory
