@@ -26,7 +26,7 @@ serve: $(VENV)/.installed
 # only where we are root and it is missing; elsewhere that test skips and says why.
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { [ "$$(id -u)" -eq 0 ] \
-		&& apt-get update && apt-get install -y --no-install-recommends prometheus; } \
+		&& apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } \
 		|| echo "prometheus: not installed (needs root); tests/deploy/test_prometheus_server.py will skip"
 
 test: $(VENV)/.installed prometheus

@@ -44,7 +44,8 @@ def prefill_logits(model: MixtralModel, ids: list[int], block_size: int = 4) -> 
     return model.logits(model.forward(torch.tensor(ids), meta, cache))
 
 
-def greedy_generate(model: MixtralModel, prompt: list[int], max_new_tokens: int, block_size: int = 4) -> list[int]:
+def greedy_generate(model: MixtralModel, prompt: list[int], max_new_tokens: int,
+                    block_size: int = 4) -> list[int]:
     """A plain prefill-then-decode loop over the paged cache (the engine does this for real)."""
     total = len(prompt) + max_new_tokens
     n_blocks = -(-total // block_size)

@@ -68,7 +68,8 @@ class Checkpoint:
         config = ModelConfig.from_dir(model_dir)  # ConfigError propagates
         tensors = index_tensors(model_dir)
         expected = checkpoint_shapes(config)
-        if config.tie_word_embeddings and LM_HEAD in tensors and tensors[LM_HEAD].shape == expected[EMBEDDING]:
+        if (config.tie_word_embeddings and LM_HEAD in tensors
+                and tensors[LM_HEAD].shape == expected[EMBEDDING]):
             del tensors[LM_HEAD]  # some tied checkpoints store the copy anyway; we use the embedding
         _check_matches(model_dir, tensors, expected)
         return cls(model_dir, config, {name: tensors[name] for name in expected})
@@ -96,7 +97,8 @@ class Checkpoint:
         for name in names:
             by_file.setdefault(self._info(name).file, []).append(name)
         # disable=None lets tqdm switch itself off when stderr is not a terminal.
-        bar = tqdm(sorted(by_file.items()), desc="loading shards", unit="shard", disable=None if progress else True)
+        bar = tqdm(sorted(by_file.items()), desc="loading shards", unit="shard",
+                   disable=None if progress else True)
         loaded: dict[str, torch.Tensor] = {}
         for file, file_names in bar:
             loaded.update(self._read_file(file, file_names, target, str(device)))
@@ -135,7 +137,8 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.model_dir} has no tensor {name!r}")
         return self._tensors[name]
 
-    def _read_file(self, file: str, names: list[str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    def _read_file(self, file: str, names: list[str], dtype: torch.dtype,
+                   device: str) -> dict[str, torch.Tensor]:
         out = {}
         try:
             with safe_open(self.model_dir / file, framework="pt", device=device) as f:
@@ -156,7 +159,8 @@ class Checkpoint:
         return f"Checkpoint({str(self.model_dir)!r}, {len(self._tensors)} tensors)"
 
 
-def _check_matches(model_dir: Path, tensors: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]]) -> None:
+def _check_matches(model_dir: Path, tensors: dict[str, TensorInfo],
+                   expected: dict[str, tuple[int, ...]]) -> None:
     problems = []
     missing = [f"{n!r} (shape {expected[n]})" for n in expected if n not in tensors]
     unexpected = [f"{n!r} (in {tensors[n].file})" for n in tensors if n not in expected]
@@ -165,7 +169,8 @@ def _check_matches(model_dir: Path, tensors: dict[str, TensorInfo], expected: di
         for n in expected if n in tensors and tensors[n].shape != expected[n]
     ]
     wrong_dtype = [
-        f"{n!r} in {tensors[n].file} is stored as {tensors[n].dtype}, not a float type ({'/'.join(FLOAT_DTYPE_TAGS)})"
+        f"{n!r} in {tensors[n].file} is stored as {tensors[n].dtype}, "
+        f"not a float type ({'/'.join(FLOAT_DTYPE_TAGS)})"
         for n in expected if n in tensors and tensors[n].dtype not in FLOAT_DTYPE_TAGS
     ]
     for label, items in (("missing tensor", missing), ("unexpected tensor", unexpected),
@@ -174,7 +179,8 @@ def _check_matches(model_dir: Path, tensors: dict[str, TensorInfo], expected: di
             more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
             problems.append(f"{label}{'s' if len(items) > 1 else ''}: {', '.join(items[:_MAX_LISTED])}{more}")
     if problems:
-        raise CheckpointError(f"checkpoint {model_dir} does not match its config.json: " + "; ".join(problems))
+        raise CheckpointError(
+            f"checkpoint {model_dir} does not match its config.json: " + "; ".join(problems))
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -183,7 +189,8 @@ class LoadedCheckpoint(NamedTuple):
     experts: dict[tuple[int, int], ExpertTensors]
 
 
-def load_checkpoint(model_dir: str | Path, dtype: str | torch.dtype, *, progress: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(model_dir: str | Path, dtype: str | torch.dtype, *,
+                    progress: bool = True) -> LoadedCheckpoint:
     """Everything, for single-process use; workers use `Checkpoint` to read only their share."""
     ckpt = Checkpoint.open(model_dir)
     attention = ckpt.load_attention_weights(dtype, progress)

@@ -70,7 +70,8 @@ def read_weight_map(model_dir: Path) -> dict[str, str]:
     root = model_dir.resolve()
     for name, file in weight_map.items():
         if not isinstance(file, str) or not (model_dir / file).resolve().is_relative_to(root):
-            raise CheckpointError(f"{INDEX_FILE} maps tensor {name!r} to {file!r}, not a file inside {model_dir}")
+            raise CheckpointError(
+                f"{INDEX_FILE} maps tensor {name!r} to {file!r}, not a file inside {model_dir}")
     return weight_map
 
 
@@ -93,5 +94,6 @@ def _index_shards(model_dir: Path, weight_map: dict[str, str]) -> dict[str, Tens
             tensors[name] = info
     for name, file in weight_map.items():
         if name not in tensors:
-            raise CheckpointError(f"{INDEX_FILE} maps tensor {name!r} to shard {file}, which does not contain it")
+            raise CheckpointError(
+                f"{INDEX_FILE} maps tensor {name!r} to shard {file}, which does not contain it")
     return tensors

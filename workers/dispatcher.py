@@ -23,7 +23,9 @@ from workers.router import Routing
 
 
 class Dispatcher(Protocol):
-    def dispatch(self, layer: int, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]: ...
+    def dispatch(
+        self, layer: int, x_TH: torch.Tensor, routing: Routing
+    ) -> tuple[torch.Tensor, DispatchPlan]: ...
 
     def experts(self, layer: int, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...
 
@@ -56,7 +58,8 @@ class LocalDispatcher:
     def __init__(self, experts_by_layer: dict[int, LayerExperts]) -> None:
         for layer, ex in experts_by_layer.items():
             if ex.expert_ids != tuple(range(len(ex.expert_ids))):
-                raise ValueError(f"layer {layer}: the local dispatcher needs every expert, got {ex.expert_ids}")
+                raise ValueError(
+                    f"layer {layer}: the local dispatcher needs every expert, got {ex.expert_ids}")
         self.experts_by_layer = experts_by_layer
 
     def dispatch(self, layer: int, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:

@@ -25,7 +25,8 @@ class KVCache:
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
-    def write(self, layer: int, slot_mapping_T: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> None:
+    def write(self, layer: int, slot_mapping_T: torch.Tensor, k_TGD: torch.Tensor,
+              v_TGD: torch.Tensor) -> None:
         self.k_BPGD[layer].view(self.num_slots, *k_TGD.shape[1:]).index_copy_(0, slot_mapping_T, k_TGD)
         self.v_BPGD[layer].view(self.num_slots, *v_TGD.shape[1:]).index_copy_(0, slot_mapping_T, v_TGD)
 

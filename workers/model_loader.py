@@ -13,9 +13,11 @@ from workers.model_weights import AttentionSideWeights, experts_by_layer
 from workers.weight_names import all_expert_pairs
 
 
-def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> MixtralModel:
+def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                     progress: bool = False) -> MixtralModel:
     ckpt = Checkpoint.open(model_dir)
     cfg = ckpt.config
-    attention_side = AttentionSideWeights.from_state(cfg, ckpt.load_attention_weights(dtype, progress=progress))
+    attention_side = AttentionSideWeights.from_state(
+        cfg, ckpt.load_attention_weights(dtype, progress=progress))
     experts = ckpt.load_expert_weights(all_expert_pairs(cfg), dtype, progress=progress)
     return MixtralModel(cfg, attention_side, LocalDispatcher(experts_by_layer(experts)))

@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import grpc
+
 from tests.e2e.conftest import free_port
 
 
@@ -26,12 +28,25 @@ def serve_with_grpc(grpc_port: int) -> Iterator[str]:
              configure_logging=False, log_to_driver=False)
     port = free_port()
     try:
+        # As `moe-serve serve` starts it: Serve's reflection off, ours (behind the key) answers.
         serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions()})
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions(),
+                                  "enable_reflection": False})
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+class WithMetadata(grpc.StreamStreamClientInterceptor):
+    """Adds metadata to stream-stream calls: the reflection client has no parameter for it."""
+
+    def __init__(self, metadata) -> None:
+        self.metadata = tuple(metadata)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+        return continuation(details, request_iterator)
 
 
 def engine_handle(app_name: str):

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.e2e.conftest import Server, free_port
+from tests.e2e.serve_grpc import WithMetadata, serve_with_grpc
 
 OPEN_HTTP = {"/health", "/ready"}  # the issue's rule, written down here rather than imported
 OPEN_GRPC = {"grpc.health.v1.Health"}
@@ -35,22 +36,8 @@ def grpc_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_instance(grpc_port):
-    """conftest's `serve_instance`, with our gRPC services on Serve's gRPC proxy."""
-    import ray
-    from ray import serve
-
-    from gateway.grpc_stubs import servicer_functions
-
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    port = free_port()
-    # Serve's built-in reflection off: ours, behind the key, answers instead (README "gRPC").
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions(),
-                              "enable_reflection": False})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_with_grpc(grpc_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +96,6 @@ def test_with_the_key_every_route_answers(keyed_server):
             resp = client.request(method, path, headers=headers)
             # POSTs without a body are 400; everything else answers.
             assert resp.status_code == (400 if method == "POST" else 200), (method, path, resp.text)
-
-
-class WithMetadata(grpc.StreamStreamClientInterceptor):
-    """Adds metadata to stream-stream calls: the reflection client has no parameter for it."""
-
-    def __init__(self, metadata) -> None:
-        self.metadata = tuple(metadata)
-
-    def intercept_stream_stream(self, continuation, details, request_iterator):
-        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
-        return continuation(details, request_iterator)
 
 
 def grpc_methods() -> list:

@@ -20,6 +20,7 @@ from cluster.local_engine import build_local_engine
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Server, free_port
+from tests.e2e.serve_grpc import WithMetadata, serve_with_grpc
 from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
 from workers.tokenizer import Tokenizer
@@ -35,20 +36,8 @@ def grpc_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_instance(grpc_port):
-    """conftest's `serve_instance`, with our services on Serve's gRPC proxy, as `moe-serve serve` has."""
-    import ray
-    from ray import serve
-
-    from gateway.grpc_stubs import servicer_functions
-
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions()})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_with_grpc(grpc_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +138,12 @@ def test_standard_health_service_says_serving_without_a_key(channel):
     watch.cancel()
 
 
-def test_reflection_describes_the_service_for_grpcurl(channel):
+def test_reflection_describes_the_service_for_grpcurl(channel, auth):
     from google.protobuf.descriptor_pool import DescriptorPool
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    db = ProtoReflectionDescriptorDatabase(channel)
+    # Reflection is behind the key like the service itself (grpcurl: -H 'authorization: Bearer ...').
+    db = ProtoReflectionDescriptorDatabase(grpc.intercept_channel(channel, WithMetadata(auth)))
     assert {"moe_serve.v1.MoeServe", "grpc.health.v1.Health"} <= set(db.get_services())
     service = DescriptorPool(db).FindServiceByName("moe_serve.v1.MoeServe")
     assert [m.name for m in service.methods] == ["Generate", "GenerateStream", "ListModels"]

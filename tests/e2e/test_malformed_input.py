@@ -19,6 +19,7 @@ import pytest
 
 from tests.e2e.conftest import API_KEY, Server, free_port, run_app
 from tests.e2e.malformed_corpus import Case, GrpcCase, grpc_cases, http_cases
+from tests.e2e.serve_grpc import serve_with_grpc
 from workers.config import ModelConfig
 
 MAX_ERROR_BODY_BYTES = 2048
@@ -34,22 +35,8 @@ def grpc_port() -> int:
 
 @pytest.fixture(scope="module")
 def serve_instance(grpc_port):
-    """conftest's `serve_instance`, with our gRPC services on Serve's gRPC proxy."""
-    import ray
-    from ray import serve
-
-    from gateway.grpc_stubs import servicer_functions
-
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    port = free_port()
-    # Serve's built-in reflection off: ours (behind the key, in the ingress) answers instead.
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions(),
-                              "enable_reflection": False})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    with serve_with_grpc(grpc_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

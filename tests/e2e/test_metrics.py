@@ -49,7 +49,8 @@ def scrape(url: str) -> dict[str, list]:
     out: dict[str, list] = {}
     for fam in text_string_to_metric_families(text):
         if fam.name.startswith("ray_moe_serve_"):
-            out.setdefault(fam.name, []).extend(s for s in fam.samples if s.labels.get("model") == "demo-metrics")
+            out.setdefault(fam.name, []).extend(
+                s for s in fam.samples if s.labels.get("model") == "demo-metrics")
     return out
 
 

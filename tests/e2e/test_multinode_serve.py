@@ -32,7 +32,8 @@ def served_on_three_nodes(demo_model_dir):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     nodes = {
-        "attention": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_attention": 1}),
+        "attention": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1",
+                                      resources={"moe_attention": 1}),
         "expert_a": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_expert": 1}),
         "expert_b": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_expert": 1}),
     }
@@ -41,8 +42,9 @@ def served_on_three_nodes(demo_model_dir):
     cluster.wait_for_nodes()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    options = ServeOptions(model_dir=str(demo_model_dir), model_name="demo-multinode", num_attention_workers=1,
-                           num_expert_workers=2, num_cpus_per_worker=0.1, max_num_seqs=8, num_kv_blocks=128,
+    options = ServeOptions(model_dir=str(demo_model_dir), model_name="demo-multinode",
+                           num_attention_workers=1, num_expert_workers=2, num_cpus_per_worker=0.1,
+                           max_num_seqs=8, num_kv_blocks=128,
                            placement_strategy="SPREAD", attention_resources={"moe_attention": 1},
                            expert_resources={"moe_expert": 1})
     server = run_app(f"http://127.0.0.1:{port}", options, "multinode", "/")

@@ -45,7 +45,8 @@ def ray_group(tiny_dir):
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     topo = TopologyConfig(num_attention_workers=2, num_expert_workers=2, num_cpus_per_worker=0.1)
-    spec = build_group_spec(model_dir, EngineConfig(**BASE, num_attention_workers=2), topo, ExpertParallelConfig())
+    spec = build_group_spec(model_dir, EngineConfig(**BASE, num_attention_workers=2), topo,
+                            ExpertParallelConfig())
     group = RayWorkerGroup(spec, topo)
     yield group
     group.shutdown()
@@ -103,8 +104,8 @@ def test_same_seed_same_tokens_alone_and_in_batch(tiny_dir, engine_for):
     batched = run_requests(engine_for(model_dir), [*reqs[:4], (prompt, params, 1), *reqs[4:]])
     single = alone(engine_for, model_dir, prompt, params)
     assert batched[4]["token_ids"] == single["token_ids"]
-    other_seed = alone(engine_for, model_dir, prompt, SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95,
-                                                         seed=99, ignore_eos=True))
+    other_seed = alone(engine_for, model_dir, prompt,
+                       SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True))
     assert other_seed["token_ids"] != single["token_ids"]
 
 

@@ -30,11 +30,13 @@ def three_nodes():
         "num_cpus": 1, "node_ip_address": "127.0.0.1", "resources": {"head": 1},
         "include_dashboard": False})
     nodes = {
-        "attention": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_attention": 2}),
+        "attention": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1",
+                                      resources={"moe_attention": 2}),
         "expert_a": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_expert": 1}),
         "expert_b": cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", resources={"moe_expert": 1}),
     }
-    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=False)
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
     cluster.wait_for_nodes()
     yield cluster, nodes
     ray.shutdown()

@@ -68,10 +68,12 @@ def hf_expert_weights(model: MixtralForCausalLM, layer: int, expert: int) -> dic
     return {"w1": gate_up[:F], "w2": experts.down_proj[expert].detach(), "w3": gate_up[F:]}
 
 
-def random_tensors(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_tensors(cfg: ModelConfig, *, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A complete, correctly shaped set of tensors for `cfg`."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=gen).to(dtype) for name, shape in checkpoint_shapes(cfg).items()}
+    return {name: torch.randn(shape, generator=gen).to(dtype)
+            for name, shape in checkpoint_shapes(cfg).items()}
 
 
 def write_checkpoint(

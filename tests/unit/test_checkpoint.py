@@ -93,14 +93,16 @@ def test_load_everything_equals_the_files(hf_dir: Path) -> None:
 
 def test_expert_weights_equal_the_in_memory_hf_model(hf_dir: Path) -> None:
     model = make_hf_model(seed=0)  # same seed as the saved checkpoint
-    experts = Checkpoint.open(hf_dir).load_expert_weights(all_expert_pairs(ModelConfig.from_dir(hf_dir)), "fp32")
+    experts = Checkpoint.open(hf_dir).load_expert_weights(
+        all_expert_pairs(ModelConfig.from_dir(hf_dir)), "fp32")
     for (layer, expert), weights in experts.items():
         oracle = hf_expert_weights(model, layer, expert)
         assert weights.w1.shape == (32, 16) and weights.w2.shape == (16, 32)
         for proj in ("w1", "w2", "w3"):
             assert torch.equal(getattr(weights, proj), oracle[proj]), (layer, expert, proj)
     attention = Checkpoint.open(hf_dir).load_attention_weights("fp32")
-    assert torch.equal(attention["model.layers.1.block_sparse_moe.gate.weight"], model.model.layers[1].mlp.gate.weight)
+    assert torch.equal(attention["model.layers.1.block_sparse_moe.gate.weight"],
+                       model.model.layers[1].mlp.gate.weight)
     assert torch.equal(attention["lm_head.weight"], model.lm_head.weight)
 
 
@@ -135,7 +137,8 @@ def test_sharded_equals_unsharded(hf_dir: Path, hf_sharded_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype, expected", [
-    ("bf16", torch.bfloat16), ("float16", torch.float16), (torch.float32, torch.float32), ("auto", torch.float32),
+    ("bf16", torch.bfloat16), ("float16", torch.float16), (torch.float32, torch.float32),
+    ("auto", torch.float32),
 ])
 def test_load_casts_to_dtype(hf_dir: Path, dtype: str | torch.dtype, expected: torch.dtype) -> None:
     name = expert_weight_name(0, 2, "w1")
@@ -216,7 +219,8 @@ def test_shard_without_what_the_index_claims(tmp_path: Path, small_tensors: dict
     index["weight_map"]["model.layers.0.self_attn.ghost.weight"] = "model-00001-of-00002.safetensors"
     index_path.write_text(json.dumps(index))
     message = open_error(model_dir)
-    assert "model.layers.0.self_attn.ghost.weight" in message and "model-00001-of-00002.safetensors" in message
+    assert ("model.layers.0.self_attn.ghost.weight" in message
+            and "model-00001-of-00002.safetensors" in message)
 
 
 def test_index_and_shard_disagree_on_a_tensor(tmp_path: Path, small_tensors: dict[str, torch.Tensor]) -> None:
@@ -230,7 +234,8 @@ def test_index_and_shard_disagree_on_a_tensor(tmp_path: Path, small_tensors: dic
     assert name in message and "model-00001-of-00002.safetensors" in message
 
 
-def test_index_escaping_the_directory_is_rejected(tmp_path: Path, small_tensors: dict[str, torch.Tensor]) -> None:
+def test_index_escaping_the_directory_is_rejected(
+        tmp_path: Path, small_tensors: dict[str, torch.Tensor]) -> None:
     model_dir = write_checkpoint(tmp_path / "ckpt", SMALL, small_tensors, num_shards=2)
     index_path = model_dir / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
@@ -297,7 +302,8 @@ def test_load_rejects_unknown_names_and_pairs_before_reading(hf_dir: Path) -> No
     assert ckpt.tensors_read == set()
 
 
-def test_file_truncated_after_open_is_reported_on_load(tmp_path: Path, small_tensors: dict[str, torch.Tensor]) -> None:
+def test_file_truncated_after_open_is_reported_on_load(
+        tmp_path: Path, small_tensors: dict[str, torch.Tensor]) -> None:
     model_dir = write_checkpoint(tmp_path, SMALL, small_tensors, num_shards=2)
     ckpt = Checkpoint.open(model_dir)
     shard = model_dir / "model-00001-of-00002.safetensors"

@@ -14,7 +14,8 @@ CONFIGS = {
     "gqa4_6experts_top3": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
                                num_local_experts=6, num_experts_per_tok=3),
     "odd_sizes_head_dim": dict(hidden_size=45, intermediate_size=37, num_attention_heads=5,
-                               num_key_value_heads=5, head_dim=10, num_local_experts=3, num_experts_per_tok=1),
+                               num_key_value_heads=5, head_dim=10, num_local_experts=3,
+                               num_experts_per_tok=1),
     "sharded_3_layers": dict(num_hidden_layers=3, max_shard_size="40KB"),
 }
 

@@ -61,7 +61,8 @@ def test_only_routed_experts_run():
 
 
 @settings(max_examples=50, deadline=None)
-@given(num_tokens=st.integers(1, 30), num_experts=st.integers(1, 10), scale=st.floats(0.0, 100.0), data=st.data())
+@given(num_tokens=st.integers(1, 30), num_experts=st.integers(1, 10), scale=st.floats(0.0, 100.0),
+       data=st.data())
 def test_routing_weights_are_a_distribution(num_tokens, num_experts, scale, data):
     top_k = data.draw(st.integers(1, num_experts))
     g = torch.Generator().manual_seed(num_tokens * 31 + num_experts)
