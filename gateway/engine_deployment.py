@@ -86,11 +86,12 @@ class EngineDeployment:
             self.engine = self._build_local(options)
         else:
             self.engine, self.group = self._build_distributed(options)
+        model_config = ModelConfig.from_dir(options.model_dir)
         self.model_info = ModelInfo(max_model_len=self.engine.max_model_len,
-                               vocab_size=ModelConfig.from_dir(options.model_dir).vocab_size)
+                                    vocab_size=model_config.vocab_size)
         self._admit.set_max_batch_size(options.max_batch_size)
         self._admit.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
-        self.num_experts = ModelConfig.from_dir(options.model_dir).num_local_experts
+        self.num_experts = model_config.num_local_experts
         self.metrics = ServingMetrics(options.model_name)
         self._generated_seen = 0
         self.engine.step_listeners.append(self._on_step)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from tests.deploy.manifests import DEPLOY, load_yaml_docs
+from tests.deploy.manifests import DEPLOY, kuberay_docs, load_yaml_docs
 from tests.e2e.conftest import free_port
 
 
@@ -101,3 +101,14 @@ def demo_deployment(demo_model_dir) -> Deployment:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def docs_of_kind(kind: str) -> list[dict]:
+    """Every object of `kind` in deploy/kuberay/."""
+    return [doc for _, doc in kuberay_docs() if doc.get("kind") == kind]
+
+
+@pytest.fixture(scope="package")
+def rayservice() -> dict:
+    (service,) = docs_of_kind("RayService")
+    return service

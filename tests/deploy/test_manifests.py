@@ -1,55 +1,34 @@
 """deploy/ checked against the schemas of the systems that read it, without running them.
 
 KubeRay objects against KubeRay v1.7.0's CRD schemas made strict (unknown fields rejected);
-Serve configs (and the RayService's serveConfigV2) against Ray's own `ServeDeploySchema`, plus
-our builder accepting their `args`; the core Kubernetes objects against small structural
-schemas; the ports that must stay inside the cluster; the Dockerfile, the Grafana dashboard, the
-SkyPilot task and the locustfile by structure.
+the core Kubernetes objects against small structural schemas; the ports that must stay inside the
+cluster. Serve configs: test_serve_configs.py; image, dashboard, SkyPilot, Locust: test_deploy_files.py.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
-import importlib.util
 import json
-import re
 
 import jsonschema
 import pytest
 import yaml
 
+from tests.deploy.conftest import docs_of_kind
 from tests.deploy.manifests import (
     CLOSED_PORTS,
     CRD_DIR,
-    DEPLOY,
     admitted_ports,
     container_ports,
     crd_validator,
-    dashboard_exprs,
     kuberay_docs,
-    load_dashboard,
-    load_yaml_docs,
     pod_templates,
     ports_of_service,
-    promql_metric_names,
     ray_resources,
     strict_schema,
-    unknown_keys,
 )
 
-SERVE_CONFIGS = sorted((DEPLOY / "serve").glob("*.yaml"))
 OWN_LABELS = {"app.kubernetes.io/name": "moe-serve"}
-
-
-def docs_of_kind(kind: str) -> list[dict]:
-    return [doc for _, doc in kuberay_docs() if doc.get("kind") == kind]
-
-
-@pytest.fixture(scope="module")
-def rayservice() -> dict:
-    (service,) = docs_of_kind("RayService")
-    return service
 
 
 def strict_crd(file_name: str, *, strict: bool = True):
@@ -114,86 +93,6 @@ def test_a_wrongly_typed_field_is_rejected(rayservice):
     bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # not a string
     with pytest.raises(jsonschema.ValidationError):
         strict_crd("ray.io_rayservices.yaml").validate(bad)
-
-
-# --- Serve configs ---------------------------------------------------------------------------
-
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
-def test_serve_config_is_a_valid_serve_deploy_schema(path):
-    from ray.serve.schema import ServeDeploySchema
-
-    (config,) = load_yaml_docs(path)
-    ServeDeploySchema.model_validate(config)
-    # ServeDeploySchema tolerates unknown keys (forward compatibility); ours must have none.
-    assert unknown_keys(config, ServeDeploySchema) == []
-
-
-def test_serve_config_v2_is_valid_and_equals_the_mixtral_serve_config(rayservice):
-    from ray.serve.schema import ServeDeploySchema
-
-    config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    ServeDeploySchema.model_validate(config)
-    assert unknown_keys(config, ServeDeploySchema) == []
-    (mixtral,) = load_yaml_docs(DEPLOY / "serve" / "mixtral-8x7b.yaml")
-    assert config == mixtral
-
-
-def test_unknown_keys_finds_a_typo_serve_would_ignore():
-    from ray.serve.schema import ServeDeploySchema
-
-    (config,) = load_yaml_docs(DEPLOY / "serve" / "demo.yaml")
-    config["applications"][0]["deployments"] = [{"name": "EngineDeployment", "num_replica": 2}]
-    config["grpc_options"]["prot"] = 9001
-    ServeDeploySchema.model_validate(config)  # Serve itself would take it
-    assert sorted(unknown_keys(config, ServeDeploySchema)) == ["applications.deployments.num_replica",
-                                                              "grpc_options.prot"]
-
-
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
-def test_builder_accepts_the_configs_args(path, demo_tokenizer_dir):
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.utils import import_attr
-
-    from gateway.grpc_stubs import HEALTH_SERVICER_ADDER, MOE_SERVE_SERVICER_ADDER
-
-    (config,) = load_yaml_docs(path)
-    servicers = config["grpc_options"]["grpc_servicer_functions"]
-    assert servicers == [MOE_SERVE_SERVICER_ADDER, HEALTH_SERVICER_ADDER]
-    (app_config,) = config["applications"]
-    args = dict(app_config["args"])
-    args.setdefault("model_dir", str(demo_tokenizer_dir))  # the demo: no checkpoint written here
-    # What Serve's build task does with `import_path` and `args`.
-    app = call_user_app_builder_with_args_if_necessary(import_attr(app_config["import_path"]), args)
-    ingress = app._bound_deployment
-    engine = ingress.init_args[0]._bound_deployment
-    assert (ingress.name, engine.name) == ("Ingress", "EngineDeployment")
-    auto = engine._deployment_config.autoscaling_config
-    for key, value in args["autoscaling"].items():
-        assert getattr(auto, key) == value
-    bundles = engine._replica_config.placement_group_bundles
-    assert len(bundles) == 1 + args["num_attention_workers"] + args["num_expert_workers"]
-    if args.get("use_gpus"):
-        assert [b.get("GPU", 0) for b in bundles] == [0] + [1.0] * (len(bundles) - 1)
-
-
-def test_builder_refuses_unknown_and_proxy_args(demo_tokenizer_dir):
-    from gateway.serve_config import app_builder
-
-    with pytest.raises(ValueError, match="unknown args.*num_experts"):
-        app_builder({"model_dir": str(demo_tokenizer_dir), "num_experts": 2})
-    with pytest.raises(ValueError, match="http_options"):
-        app_builder({"model_dir": str(demo_tokenizer_dir), "port": 8001})
-    with pytest.raises(ValueError, match="autoscaling"):
-        app_builder({"model_dir": str(demo_tokenizer_dir), "autoscaling": {"max_replica": 2}})
-
-
-def test_builder_takes_the_api_key_from_the_environment(demo_tokenizer_dir, monkeypatch):
-    from gateway.serve_config import serve_options_from_args
-
-    monkeypatch.setenv("MOE_SERVE_API_KEY", "sk-from-secret")
-    assert serve_options_from_args({"model_dir": str(demo_tokenizer_dir)}).api_key == "sk-from-secret"
-    options = serve_options_from_args({"model_dir": str(demo_tokenizer_dir), "expert_replicas": {"0:3": 2}})
-    assert options.expert_replicas == {(0, 3): 2}
 
 
 # --- The RayService's pieces fit together ----------------------------------------------------
@@ -367,70 +266,3 @@ def test_podmonitor_scrapes_every_ray_pod_on_the_metrics_port(rayservice):
     for name, template in pod_templates(rayservice).items():
         assert selector.items() <= template["metadata"]["labels"].items(), name
         assert endpoint["port"] in container_ports(template), name
-
-
-# --- Image, dashboard, SkyPilot, Locust ------------------------------------------------------
-
-def test_dockerfile_runs_moe_serve_and_exposes_only_the_served_ports(rayservice):
-    text = (DEPLOY / "Dockerfile").read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11", text, re.M)
-    assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.M)
-    assert "download.pytorch.org/whl/${TORCH_VARIANT}" in text
-    (cmd,) = re.findall(r"^CMD (.+)$", text, re.M)
-    assert "moe-serve serve" in " ".join(json.loads(cmd))
-    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()}
-    head_ports = container_ports(pod_templates(rayservice)["head"])
-    assert exposed == {head_ports["serve"], head_ports["serve-grpc"], head_ports["metrics"]}
-    assert not exposed & CLOSED_PORTS
-    images = {c["image"] for t in pod_templates(rayservice).values() for c in t["spec"]["containers"]}
-    assert len(images) == 1  # head and workers run the same build
-
-
-def test_dashboard_covers_the_issue_and_reads_only_our_families():
-    dashboard = load_dashboard()
-    names = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dashboard)))
-    assert names and all(n.startswith("ray_moe_serve_") for n in names), names
-    for family in ("time_to_first_token_seconds", "inter_token_latency_seconds",
-                   "e2e_request_latency_seconds"):
-        assert f"ray_moe_serve_{family}_bucket" in names
-    for name in ("generation_tokens_total", "num_requests_waiting", "kv_blocks_used",
-                 "dispatch_seconds_total", "combine_seconds_total", "worker_restarts_total"):
-        assert f"ray_moe_serve_{name}" in names
-    (heatmap,) = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
-    assert "by (layer, expert)" in heatmap["targets"][0]["expr"]
-    panel_ids = [p["id"] for p in dashboard["panels"]]
-    assert len(panel_ids) == len(set(panel_ids))
-
-
-def test_promql_name_parser():
-    expr = ('histogram_quantile(0.99, sum by (le) (rate(ray_a_bucket{model=~"$model", x="by(y)"}'
-            '[$__rate_interval]))) / on() group_left() sum(ray_b) + label_values(ray_c, model)')
-    assert promql_metric_names(expr) == {"ray_a_bucket", "ray_b", "ray_c"}
-
-
-def test_skypilot_task_launches_a_ray_cluster_with_the_mixtral_config():
-    (task,) = load_yaml_docs(DEPLOY / "skypilot" / "ray-cluster.yaml")
-    assert {"resources", "num_nodes", "setup", "run"} <= task.keys()
-    assert task["num_nodes"] >= 2 and set(task["resources"]["ports"]) == {8000, 9000}
-    assert "ray start --head" in task["run"] and "ray start --address" in task["run"]
-    served = re.findall(r"serve run .*?(deploy/serve/\S+\.yaml)", task["run"])
-    assert served and all((DEPLOY.parent / p).is_file() for p in served)
-    (config,) = load_yaml_docs(DEPLOY.parent / served[0])
-    assert task["envs"]["MODEL_DIR"] == config["applications"][0]["args"]["model_dir"]
-
-
-def test_locustfile_defines_users_with_tasks():
-    path = DEPLOY / "locust" / "locustfile.py"
-    tree = ast.parse(path.read_text(), filename=str(path))
-    compile(tree, str(path), "exec")
-    users = [n for n in tree.body if isinstance(n, ast.ClassDef) and any(
-        getattr(b, "id", None) == "HttpUser" for b in n.bases)]
-    assert users
-    tasks = [f for f in users[0].body if isinstance(f, ast.FunctionDef) and any(
-        isinstance(d, ast.Call) and getattr(d.func, "id", None) == "task" for d in f.decorator_list)]
-    assert len(tasks) >= 2
-    if importlib.util.find_spec("locust") is not None:  # only where Locust is installed
-        spec = importlib.util.spec_from_file_location("moe_serve_locustfile", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        assert module.OpenAIUser.tasks

@@ -39,19 +39,31 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def serve_instance():
-    """Ray (loopback, 4 logical CPUs) and Serve's HTTP proxy; yields the proxy's URL."""
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def serve_instance(grpc_port):
+    """Ray (loopback, 4 logical CPUs) and Serve's HTTP and gRPC proxies as `moe-serve serve` starts
+    them (our services and grpc.health.v1; Serve's own reflection off, ours is behind the key);
+    yields the HTTP proxy's URL."""
     import ray
     from ray import serve
+
+    from gateway.grpc_stubs import servicer_functions
 
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": free_port(), "grpc_servicer_functions": []})
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    grpc_options={"port": grpc_port, "grpc_servicer_functions": servicer_functions(),
+                                  "enable_reflection": False})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def run_app(url: str, options, name: str, route_prefix: str) -> Server:

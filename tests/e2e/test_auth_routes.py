@@ -21,23 +21,12 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.e2e.conftest import Server, free_port
-from tests.e2e.serve_grpc import WithMetadata, serve_with_grpc
+from tests.e2e.conftest import Server
+from tests.e2e.serve_grpc import WithMetadata
 
 OPEN_HTTP = {"/health", "/ready"}  # the rule, written down here rather than imported
 OPEN_GRPC = {"grpc.health.v1.Health"}
 SERVE_BUILTIN = "ray.serve.RayServeAPIService"  # answered by Serve's proxy itself
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

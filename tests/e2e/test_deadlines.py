@@ -18,24 +18,13 @@ import pytest
 
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Server, free_port, run_app
-from tests.e2e.serve_grpc import engine_handle, serve_with_grpc, wait_until_idle
+from tests.e2e.conftest import Server, run_app
+from tests.e2e.serve_grpc import engine_handle, wait_until_idle
 
 LONG = 3000  # tokens: no request here gets to finish on its own
 NUM_GONE = 100  # clients that go away in the disconnect test
 CONCURRENCY = 10  # of them at a time: below the app's capacity, so none is shed
 SERVER_TIMEOUT_S = 15.0  # the app's request_timeout_s: far shorter than LONG tokens take here
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.drain import drain_app
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Server, free_port, run_app
-from tests.e2e.serve_grpc import serve_with_grpc, wait_until_idle
+from tests.e2e.conftest import Server, run_app
+from tests.e2e.serve_grpc import wait_until_idle
 
 NUM_STREAMS = 3
 STREAM_TOKENS = 400  # long enough to still be running while the new requests are refused
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -19,25 +19,14 @@ from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Server, free_port
-from tests.e2e.serve_grpc import WithMetadata, serve_with_grpc
+from tests.e2e.conftest import Server
+from tests.e2e.serve_grpc import WithMetadata
 from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
 from workers.tokenizer import Tokenizer
 
 MODEL_NAME = "demo"
 PROMPT = "The quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,26 +17,15 @@ import grpc
 import httpx
 import pytest
 
-from tests.e2e.conftest import API_KEY, Server, free_port, run_app
-from tests.e2e.malformed_corpus import Case, GrpcCase, grpc_cases, http_cases
-from tests.e2e.serve_grpc import serve_with_grpc
+from tests.e2e.conftest import API_KEY, Server, run_app
+from tests.e2e.malformed_corpus import Case, http_cases
+from tests.e2e.malformed_grpc_corpus import GrpcCase, grpc_cases
 from workers.config import ModelConfig
 
 MAX_ERROR_BODY_BYTES = 2048
 ECHO_WINDOW = 64  # no 64 bytes of the request may come back (so at most ~2 windows' worth of echo)
 DOCUMENTED_HTTP = {400, 401, 404, 405, 413}
 DOCUMENTED_GRPC = {"INVALID_ARGUMENT", "NOT_FOUND", "UNAUTHENTICATED", "UNIMPLEMENTED"}
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -17,25 +17,14 @@ import pytest
 
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
-from tests.e2e.conftest import Server, free_port, run_app
-from tests.e2e.serve_grpc import serve_with_grpc, wait_until_idle
+from tests.e2e.conftest import Server, run_app
+from tests.e2e.serve_grpc import wait_until_idle
 
 MAX_NUM_SEQS = 2
 MAX_QUEUED_REQUESTS = 4
 CAPACITY = MAX_NUM_SEQS + MAX_QUEUED_REQUESTS
 BURST = 10 * CAPACITY
 MAX_TOKENS = 192  # long enough that admitted requests are still running when the burst ends
-
-
-@pytest.fixture(scope="module")
-def grpc_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def serve_instance(grpc_port):
-    with serve_with_grpc(grpc_port) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
