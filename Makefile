@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
 DEMO_DIR ?= .demo-model
 
-.PHONY: install serve test test-slow bench lint demo-model clean prometheus
+.PHONY: install serve test test-slow test-gpu bench lint demo-model clean prometheus
 
 install: $(VENV)/.installed
 
@@ -29,11 +29,18 @@ prometheus:
 		&& apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus; } \
 		|| echo "prometheus: not installed (needs root); tests/deploy/test_prometheus_server.py will skip"
 
+# `gpu` tests are left out by name: on a CPU they would only skip, and on a GPU box they belong to
+# `make test-gpu`, so `make test` means the same suite everywhere.
 test: $(VENV)/.installed prometheus
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow -q
+
+# The CUDA checks (docs/gpu.md). They live in tests/gpu; where CUDA is absent each one skips and
+# says why. tests/gpu/run_on_device.sh runs the same selection on a lent GPU machine.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pytest -m gpu -q tests/gpu
 
 # Each tests/bench/bench_*.py is a script that prints its own ratios; run as modules so the
 # repository root is importable.
