@@ -187,13 +187,14 @@ class AllToAllDispatcher:
                                              recv_WC.reshape(-1))
             recv_order_M = torch.argsort(slot_M, stable=True).to(x_MH.device)
             x_MH = x_MH[recv_order_M]
+        recv_expert_counts = tuple(per_slot[:len(local_ids)])
         plan = DispatchPlan(
             num_tokens=num_tokens, token_idx_N=token_idx_N, weights_N=weight_A[order_N],
             send_counts=send_counts, recv_counts=recv_counts,
-            recv_expert_counts=tuple(per_slot[:len(local_ids)]),
+            expert_counts_E=torch.tensor(recv_expert_counts, dtype=torch.int64, device=x_MH.device),
             recv_order_M=recv_order_M, num_dropped=num_dropped,
         )
-        self.stats.record_dispatch(layer, local_ids, plan.recv_expert_counts, num_dropped, moved,
+        self.stats.record_dispatch(layer, local_ids, recv_expert_counts, num_dropped, moved,
                                    time.perf_counter() - start)
         return x_MH, plan
 
@@ -204,7 +205,7 @@ class AllToAllDispatcher:
                 raise RuntimeError(f"layer {layer}: rank {self.rank} holds no experts "
                                    f"but received {x_MH.shape[0]} rows")
             return torch.empty_like(x_MH)
-        return grouped_experts(x_MH, list(plan.recv_expert_counts), local)
+        return grouped_experts(x_MH, plan.expert_counts_E, local)
 
     def combine(self, layer: int, y_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         start = time.perf_counter()

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from workers.router import count_per_expert
+
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     if not capacity_factor > 0:
@@ -35,7 +37,7 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 def position_in_expert(expert_ids_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     """For each assignment, how many earlier assignments (in order) chose the same expert."""
     order_A = torch.argsort(expert_ids_A, stable=True)
-    counts_E = torch.bincount(expert_ids_A, minlength=num_experts)
+    counts_E = count_per_expert(expert_ids_A, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     index_A = torch.arange(expert_ids_A.numel(), device=expert_ids_A.device)
     sorted_pos_A = index_A - starts_E[expert_ids_A[order_A]]

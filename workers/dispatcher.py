@@ -19,7 +19,7 @@ import torch
 
 from workers.dispatch_plan import DispatchPlan
 from workers.experts import LayerExperts, grouped_experts
-from workers.router import Routing
+from workers.router import Routing, count_per_expert
 
 
 class Dispatcher(Protocol):
@@ -35,14 +35,13 @@ class Dispatcher(Protocol):
 def sort_by_expert(routing: Routing, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T×K assignments by expert id (stable, so token order is kept per expert).
 
-    Returns (token_idx_N, weights_N, counts_E).
+    Returns (token_idx_N, weights_N, counts_E), all on the routing's device, with no host sync.
     """
     flat_ids = routing.topk_ids_TK.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     token_idx = order // routing.top_k
     weights = routing.topk_weights_TK.reshape(-1)[order]
-    counts = torch.bincount(flat_ids, minlength=num_experts)
-    return token_idx, weights, counts
+    return token_idx, weights, count_per_expert(flat_ids, num_experts)
 
 
 def weighted_sum(y_NH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
@@ -53,7 +52,11 @@ def weighted_sum(y_NH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype)
 
 
 class LocalDispatcher:
-    """All experts of every layer live in this process; dispatch is a sort, combine a sum."""
+    """All experts of every layer live in this process; dispatch is a sort, combine a sum.
+
+    No stage reads anything back from the device (row counts stay a tensor, the sizes it
+    needs are shapes), so a GPU step runs its MoE layers without waiting on them.
+    """
 
     def __init__(self, experts_by_layer: dict[int, LayerExperts]) -> None:
         for layer, ex in experts_by_layer.items():
@@ -65,15 +68,15 @@ class LocalDispatcher:
     def dispatch(self, layer: int, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         num_experts = len(self.experts_by_layer[layer].expert_ids)
         token_idx, weights, counts = sort_by_expert(routing, num_experts)
-        n = int(token_idx.numel())
+        n = int(token_idx.numel())  # T·K: a shape, known on the host
         plan = DispatchPlan(
             num_tokens=x_TH.shape[0], token_idx_N=token_idx, weights_N=weights,
-            send_counts=(n,), recv_counts=(n,), recv_expert_counts=tuple(counts.tolist()),
+            send_counts=(n,), recv_counts=(n,), expert_counts_E=counts,
         )
         return x_TH[token_idx], plan
 
     def experts(self, layer: int, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return grouped_experts(x_MH, list(plan.recv_expert_counts), self.experts_by_layer[layer])
+        return grouped_experts(x_MH, plan.expert_counts_E, self.experts_by_layer[layer])
 
     def combine(self, layer: int, y_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return weighted_sum(y_MH, plan, y_MH.dtype)

@@ -42,3 +42,14 @@ def empty_routing(top_k: int, device: torch.device | str = "cpu") -> Routing:
         topk_ids_TK=torch.empty(0, top_k, dtype=torch.long, device=device),
         topk_weights_TK=torch.empty(0, top_k, dtype=torch.float32, device=device),
     )
+
+
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: how many entries of `expert_ids` (any shape, ids in [0, E)) name each expert.
+
+    Not `torch.bincount`: on a GPU it reads the largest id back to the host to size its
+    output, a sync per call; here the size is given, so nothing waits for the device.
+    """
+    ids = expert_ids.reshape(-1)
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    return counts_E.scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.int64))
