@@ -4,20 +4,27 @@ A step is a flat batch of T tokens from S sequences: each sequence contributes a
 chunk (query_len ≥ 1) or one decode token, appended after the context it already has
 in the paged KV cache.
 
-What attention reads from the cache (which slots, which keys each query may see) depends
-on the step, not the layer, so it is built once per step, on the first layer's request,
-and every later layer reuses it.
+What attention reads from the cache depends on the step, not the layer, so every index
+tensor is built once per step, on the host, in one flat buffer (pinned when the step runs
+on a GPU) that is copied to the device with a single non-blocking copy; the tensors the
+layers read are views of the device copy. The dense per-key forms the plain attention path
+wants (slots_SC, mask_SC, mask_LC) are derived from those views on the device, lazily, the
+first time a layer asks, so a GPU kernel that reads the block table never pays for them.
 
 Shapes: T tokens, S decode sequences, C context length (keys visible to a query), B blocks
-of a block table, P block size, L query length of one prefill chunk.
+of a block table, P block size, L query length of one prefill chunk, N the prefill chunks'
+context lengths summed, M all sequences of the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
+
+_HOST = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -52,28 +59,39 @@ def context_slots(block_table: tuple[int, ...], context_len: int, block_size: in
     return blocks_C * block_size + pos_C % block_size
 
 
+def window_covers_context(context_len: int, sliding_window: int | None) -> bool:
+    """True when no query of a chunk ending at `context_len` has a key fall out of its window.
+
+    The last query sees keys back to `context_len - sliding_window`; when that is ≤ 0 the
+    window cuts nothing and causal masking alone is exact.
+    """
+    return sliding_window is None or context_len <= sliding_window
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
-    """The step's decode tokens (query_len == 1), padded to the longest context."""
+    """The step's decode tokens (query_len == 1): one row per sequence, padded block tables."""
 
     rows_S: torch.Tensor  # int64 [S], each token's row in the flat batch
-    slots_SC: torch.Tensor  # int64 [S, C]; padding past a context points at a real slot, masked out
-    mask_SC: torch.Tensor  # bool [S, C], the keys each token may attend
+    block_tables_SB: torch.Tensor  # int32 [S, B]; padding (block 0) lies past each context's end
+    context_lens_S: torch.Tensor  # int32 [S], keys in the cache including the new token
+    max_context_len: int  # host copy of context_lens_S.max(): the padded width C, no device sync
+    block_size: int
+    sliding_window: int | None = None
 
-    @classmethod
-    def build(cls, extents: Sequence[SeqExtent], rows: Sequence[int], block_size: int,
-              sliding_window: int | None) -> DecodeBatch:
-        ctx_S = torch.tensor([e.context_len for e in extents], dtype=torch.long)
-        max_ctx = int(ctx_S.max())
-        num_blocks = -(-max_ctx // block_size)
-        # One padded [S, B] block table; padding (block 0) is only read past a context's end.
-        tables_SB = torch.tensor(
-            [list(e.block_table[:num_blocks]) + [0] * (num_blocks - len(e.block_table)) for e in extents],
-            dtype=torch.long)
-        pos_C = torch.arange(max_ctx)
-        slots_SC = tables_SB[:, pos_C // block_size] * block_size + pos_C % block_size
-        mask_SC = visible_mask(ctx_S[:, None] - 1, pos_C, sliding_window)[:, 0, :] & (pos_C < ctx_S[:, None])
-        return cls(rows_S=torch.tensor(rows, dtype=torch.long), slots_SC=slots_SC, mask_SC=mask_SC)
+    @cached_property
+    def slots_SC(self) -> torch.Tensor:
+        """int64 [S, C]; padding past a context points at a real slot and is masked out."""
+        pos_C = torch.arange(self.max_context_len, device=self.block_tables_SB.device)
+        tables_SC = self.block_tables_SB.long()[:, pos_C // self.block_size]
+        return tables_SC * self.block_size + pos_C % self.block_size
+
+    @cached_property
+    def mask_SC(self) -> torch.Tensor:
+        """bool [S, C], the keys each decode token may attend."""
+        pos_C = torch.arange(self.max_context_len, device=self.context_lens_S.device)
+        ctx_S1 = self.context_lens_S.long()[:, None]
+        return visible_mask(ctx_S1 - 1, pos_C, self.sliding_window)[:, 0, :] & (pos_C < ctx_S1)
 
 
 @dataclass(frozen=True)
@@ -81,18 +99,24 @@ class PrefillChunk:
     """One sequence's prefill chunk (query_len > 1) and the context it attends."""
 
     rows: slice  # its tokens in the flat batch
+    context_len: int  # C: keys in the cache including the chunk itself
     slots_C: torch.Tensor  # int64 [C]
-    mask_LC: torch.Tensor  # bool [L, C]
+    positions_L: torch.Tensor  # int64 [L]
+    sliding_window: int | None = None
 
-    @classmethod
-    def build(cls, ext: SeqExtent, start: int, positions_T: torch.Tensor, block_size: int,
-              sliding_window: int | None) -> PrefillChunk:
-        rows = slice(start, start + ext.query_len)
-        return cls(
-            rows=rows,
-            slots_C=context_slots(ext.block_table, ext.context_len, block_size),
-            mask_LC=visible_mask(positions_T[rows], torch.arange(ext.context_len), sliding_window),
-        )
+    @property
+    def query_len(self) -> int:
+        return self.rows.stop - self.rows.start
+
+    @property
+    def window_covers_context(self) -> bool:
+        return window_covers_context(self.context_len, self.sliding_window)
+
+    @cached_property
+    def mask_LC(self) -> torch.Tensor:
+        """bool [L, C]; only the plain path and windowed chunks need it."""
+        k_pos_C = torch.arange(self.context_len, device=self.positions_L.device)
+        return visible_mask(self.positions_L, k_pos_C, self.sliding_window)
 
 
 @dataclass(frozen=True)
@@ -102,8 +126,14 @@ class AttentionMetadata:
     positions_T: torch.Tensor  # int64 [T]
     slot_mapping_T: torch.Tensor  # int64 [T], cache slot written by each new token
     query_starts: tuple[int, ...]  # offset of each sequence's first token in the flat batch
+    decode: DecodeBatch | None  # None when the step has no decode token
+    prefill: tuple[PrefillChunk, ...]
     # decode_batch / prefill_chunks, per sliding window: derived once, read by every layer.
     _per_step: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions_T.device
 
     @property
     def num_tokens(self) -> int:
@@ -119,43 +149,151 @@ class AttentionMetadata:
         return [s + e.query_len - 1 for s, e in zip(self.query_starts, self.extents, strict=True)]
 
     def decode_batch(self, sliding_window: int | None) -> DecodeBatch | None:
-        """The step's decode tokens as one padded batch; None when it has none."""
+        """The step's decode tokens as one batch; None when it has none."""
         key = ("decode", sliding_window)
         if key not in self._per_step:
-            seqs = [i for i, e in enumerate(self.extents) if e.query_len == 1]
-            self._per_step[key] = DecodeBatch.build(
-                [self.extents[i] for i in seqs], [self.query_starts[i] for i in seqs], self.block_size,
-                sliding_window) if seqs else None
+            self._per_step[key] = (replace(self.decode, sliding_window=sliding_window)
+                                   if self.decode is not None else None)
         return self._per_step[key]
 
     def prefill_chunks(self, sliding_window: int | None) -> tuple[PrefillChunk, ...]:
         key = ("prefill", sliding_window)
         if key not in self._per_step:
-            self._per_step[key] = tuple(
-                PrefillChunk.build(ext, start, self.positions_T, self.block_size, sliding_window)
-                for ext, start in zip(self.extents, self.query_starts, strict=True) if ext.query_len > 1
-            )
+            self._per_step[key] = tuple(replace(c, sliding_window=sliding_window) for c in self.prefill)
         return self._per_step[key]
 
     @classmethod
-    def build(cls, extents: Sequence[SeqExtent], block_size: int) -> AttentionMetadata:
-        positions: list[int] = []
-        slots: list[int] = []
-        starts: list[int] = []
-        for ext in extents:
-            starts.append(len(positions))
-            needed_blocks = -(-ext.context_len // block_size)
-            if len(ext.block_table) < needed_blocks:
-                raise ValueError(
-                    f"block table of {len(ext.block_table)} blocks cannot hold {ext.context_len} tokens"
-                )
-            for pos in range(ext.start_pos, ext.context_len):
-                positions.append(pos)
-                slots.append(ext.block_table[pos // block_size] * block_size + pos % block_size)
+    def build(cls, extents: Sequence[SeqExtent], block_size: int,
+              device: torch.device | str = _HOST) -> AttentionMetadata:
+        """Every index tensor of the step, computed on the host, moved to `device` in one copy."""
+        device = torch.device(device)
+        extents = tuple(extents)
+        host = _HostIndices.build(extents, block_size)
+        starts = host.query_starts
+        decode_seqs = [i for i, e in enumerate(extents) if e.query_len == 1]
+        prefill_seqs = [i for i, e in enumerate(extents) if e.query_len > 1]
+
+        dev = _copy_to_device(host.int64_parts, host.int32_parts, device)
+        positions_T, slot_mapping_T, decode_rows_S, prefill_slots_N = dev.int64
+        block_tables_SB, context_lens_S = dev.int32
+
+        decode = None
+        if decode_seqs:
+            decode = DecodeBatch(
+                rows_S=decode_rows_S,
+                block_tables_SB=block_tables_SB.view(len(decode_seqs), -1),
+                context_lens_S=context_lens_S,
+                max_context_len=max(extents[i].context_len for i in decode_seqs),
+                block_size=block_size,
+            )
+        prefill = []
+        offset = 0
+        for i in prefill_seqs:
+            ext, start = extents[i], starts[i]
+            rows = slice(start, start + ext.query_len)
+            prefill.append(PrefillChunk(
+                rows=rows, context_len=ext.context_len,
+                slots_C=prefill_slots_N[offset: offset + ext.context_len], positions_L=positions_T[rows],
+            ))
+            offset += ext.context_len
         return cls(
-            extents=tuple(extents),
-            block_size=block_size,
-            positions_T=torch.tensor(positions, dtype=torch.long),
-            slot_mapping_T=torch.tensor(slots, dtype=torch.long),
-            query_starts=tuple(starts),
+            extents=extents, block_size=block_size, positions_T=positions_T, slot_mapping_T=slot_mapping_T,
+            query_starts=starts, decode=decode, prefill=tuple(prefill),
         )
+
+
+@dataclass(frozen=True)
+class _HostIndices:
+    """The step's index tensors on the host, in the order they are packed."""
+
+    query_starts: tuple[int, ...]
+    int64_parts: tuple[torch.Tensor, ...]  # positions_T, slot_mapping_T, decode rows_S, prefill slots_N
+    int32_parts: tuple[torch.Tensor, ...]  # decode block_tables_SB (flattened), decode context_lens_S
+
+    @classmethod
+    def build(cls, extents: tuple[SeqExtent, ...], block_size: int) -> _HostIndices:
+        P = block_size
+        needed = [-(-e.context_len // P) for e in extents]
+        for ext, need in zip(extents, needed, strict=True):
+            if len(ext.block_table) < need:
+                raise ValueError(f"block table of {len(ext.block_table)} blocks cannot hold "
+                                 f"{ext.context_len} tokens")
+        max_blocks = max(needed, default=0)
+        # Every sequence's table cut to the blocks its context uses, padded with block 0: one
+        # [M, B] tensor, so slots of all tokens come from a few tensor ops, not a loop per token.
+        tables_MB = torch.tensor(
+            [list(e.block_table[:n]) + [0] * (max_blocks - n) for e, n in zip(extents, needed, strict=True)],
+            dtype=torch.long).view(len(extents), max_blocks)
+        query_lens_M = torch.tensor([e.query_len for e in extents], dtype=torch.long)
+        start_pos_M = torch.tensor([e.start_pos for e in extents], dtype=torch.long)
+        starts_M = torch.cumsum(query_lens_M, 0) - query_lens_M
+
+        seq_T = torch.repeat_interleave(torch.arange(len(extents)), query_lens_M)
+        positions_T = start_pos_M[seq_T] + torch.arange(seq_T.numel()) - starts_M[seq_T]
+        slot_mapping_T = _slots(tables_MB, seq_T, positions_T, P)
+
+        decode_M = (query_lens_M == 1).nonzero()[:, 0]
+        prefill_M = (query_lens_M > 1).nonzero()[:, 0]
+        ctx_M = start_pos_M + query_lens_M
+        decode_blocks = max((n for e, n in zip(extents, needed, strict=True) if e.query_len == 1), default=0)
+        block_tables_SB = tables_MB[decode_M, :decode_blocks]
+
+        # Each prefill chunk's whole context (0 .. context_len-1), chunks back to back.
+        ctx_pf = ctx_M[prefill_M]
+        seq_N = torch.repeat_interleave(prefill_M, ctx_pf)
+        firsts_pf = torch.cumsum(ctx_pf, 0) - ctx_pf
+        pos_N = torch.arange(seq_N.numel()) - torch.repeat_interleave(firsts_pf, ctx_pf)
+        prefill_slots_N = _slots(tables_MB, seq_N, pos_N, P)
+
+        return cls(
+            query_starts=tuple(starts_M.tolist()),
+            int64_parts=(positions_T, slot_mapping_T, starts_M[decode_M], prefill_slots_N),
+            int32_parts=(block_tables_SB.reshape(-1).int(), ctx_M[decode_M].int()),
+        )
+
+
+def _slots(tables_MB: torch.Tensor, seq_X: torch.Tensor, pos_X: torch.Tensor,
+           block_size: int) -> torch.Tensor:
+    return tables_MB[seq_X, pos_X // block_size] * block_size + pos_X % block_size
+
+
+@dataclass(frozen=True)
+class _DeviceIndices:
+    int64: tuple[torch.Tensor, ...]
+    int32: tuple[torch.Tensor, ...]
+
+
+def _copy_to_device(int64_parts: Sequence[torch.Tensor], int32_parts: Sequence[torch.Tensor],
+                    device: torch.device) -> _DeviceIndices:
+    """Pack the parts into one int64 host buffer, copy it once, and slice views of the copy.
+
+    The int32 parts sit after the int64 ones, two per int64 word, and are read back through
+    a reinterpreting view. Pinned memory lets the copy run asynchronously with the host,
+    which goes on to launch the step's kernels; the caching host allocator keeps the buffer
+    alive until the copy is done.
+    """
+    n64 = sum(p.numel() for p in int64_parts)
+    n32 = sum(p.numel() for p in int32_parts)
+    host = torch.empty(n64 + -(-n32 // 2), dtype=torch.long, pin_memory=device.type == "cuda")
+    host32 = host[n64:].view(torch.int32)
+    _fill(host, int64_parts)
+    _fill(host32, int32_parts)
+    buf = host if device.type == "cpu" else host.to(device, non_blocking=True)
+    return _DeviceIndices(int64=_split(buf, int64_parts),
+                          int32=_split(buf[n64:].view(torch.int32), int32_parts))
+
+
+def _fill(buf: torch.Tensor, parts: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for p in parts:
+        buf[offset: offset + p.numel()].copy_(p.reshape(-1))
+        offset += p.numel()
+
+
+def _split(buf: torch.Tensor, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    views = []
+    offset = 0
+    for p in parts:
+        views.append(buf[offset: offset + p.numel()])
+        offset += p.numel()
+    return tuple(views)
