@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from workers.group_spec import GroupSpec
 class ExpertParallelConfig:
     expert_replicas: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) → copies
     capacity_factor: float | None = None  # None: dropless (exact)
-    dtype: str = "float32"
+    device: str = "auto"  # each worker's: auto | cpu | cuda (workers/device.py)
+    dtype: str = "auto"  # "auto": the checkpoint's torch_dtype on a GPU, float32 on a CPU
     num_threads: int = 1
     collective_timeout_s: float = 120.0  # gloo/nccl: a collective with a dead peer errors after this
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S  # the watchdog: a step taking longer is a stalled worker
@@ -38,10 +40,11 @@ def build_group_spec(model_dir: str | Path, engine_cfg: EngineConfig, topology: 
     placement = place_experts(cfg.num_hidden_layers, cfg.num_local_experts, topology.num_expert_workers,
                               replicas=dict(ep.expert_replicas) or None)
     return GroupSpec(
-        model_dir=str(Path(model_dir).resolve()), dtype=ep.dtype,
+        model_dir=str(Path(model_dir).resolve()),
         expert_map=placement.to_expert_map(topology.num_attention_workers),
-        num_attention_workers=topology.num_attention_workers, num_kv_blocks=engine_cfg.num_kv_blocks,
-        block_size=engine_cfg.block_size, capacity_factor=ep.capacity_factor, num_threads=ep.num_threads,
+        num_attention_workers=topology.num_attention_workers, cache=engine_cfg.cache_config(),
+        device=ep.device, dtype=ep.dtype, gpu_fraction=topology.gpu_fraction,
+        capacity_factor=ep.capacity_factor, num_threads=ep.num_threads,
         collective_timeout_s=ep.collective_timeout_s,
     )
 
@@ -56,6 +59,10 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     group = RayWorkerGroup(spec, topology, placement, step_timeout_s=ep.step_timeout_s)
     cfg = ModelConfig.from_dir(model_dir)
     tokenizer, eos = load_text_io(model_dir, cfg)
+    # Every attention worker's cache has the same number of blocks unless their devices differ;
+    # the schedulers share one count, so the smallest is the one all can honour.
+    memory = group.memory_reports()
+    engine_cfg = dataclasses.replace(engine_cfg, num_kv_blocks=min(m.num_kv_blocks for m in memory))
     engine = Engine(group, engine_cfg, max_model_len=cfg.max_position_embeddings, eos_token_ids=eos,
-                    tokenizer=tokenizer, recovery=ep.recovery)
+                    tokenizer=tokenizer, recovery=ep.recovery, memory=memory)
     return engine, group

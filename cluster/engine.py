@@ -36,6 +36,7 @@ from cluster.sequence import FinishReason, Sequence
 from cluster.stop_checker import StopChecker
 from cluster.worker_fault import WorkerFailed, WorkerFault
 from workers.batch_spec import ScheduledBatch
+from workers.device_memory import MemoryReport
 from workers.sampling_params import SamplingParams
 from workers.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -56,12 +57,13 @@ class _Request:
 class Engine:
     def __init__(self, executor: Executor, config: EngineConfig, *, max_model_len: int,
                  eos_token_ids: tuple[int, ...] = (), tokenizer: Tokenizer | None = None,
-                 recovery: RecoveryPolicy | None = None) -> None:
+                 recovery: RecoveryPolicy | None = None, memory: tuple[MemoryReport, ...] = ()) -> None:
         if executor.num_attention_workers != config.num_attention_workers:
             raise ValueError(f"executor has {executor.num_attention_workers} attention workers, "
                              f"config says {config.num_attention_workers}")
         self.executor = executor
         self.config = config
+        self.memory = memory  # what each KV-cache holder has on its device, for logs and the banner
         self.scheduler_config = config.scheduler_config(max_model_len)
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids or (tokenizer.eos_token_ids if tokenizer else ())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -10,18 +12,43 @@ from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
 from cluster.text_io import load_text_io
+from workers.checkpoint import Checkpoint
+from workers.device import resolve_dtype, select_device
+from workers.device_memory import MemoryReport, check_weights_fit, cuda_memory
 from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
+from workers.kv_cache_sizing import decide_num_kv_blocks
+from workers.model_loader import load_local_model, local_weight_bytes
 from workers.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
 
 
 def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None,
-                       dtype: torch.dtype = torch.float32, progress: bool = False) -> Engine:
+                       dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+                       progress: bool = False, gpu_fraction: float = 1.0) -> Engine:
+    """`device` is decided here, once, for the whole process ("auto": a GPU when this process
+    has one); `dtype` "auto" follows it (workers/device.py)."""
     config = config or EngineConfig()
     if config.num_attention_workers != 1:
         raise ValueError("the single-process engine has exactly one attention worker")
-    model = load_local_model(model_dir, dtype, progress=progress)
-    kv_cache = KVCache(model.cfg, config.num_kv_blocks, config.block_size, dtype=dtype)
-    tokenizer, eos = load_text_io(model_dir, model.cfg)
+    device = device if isinstance(device, torch.device) else select_device(device)
+    ckpt = Checkpoint.open(model_dir)
+    cfg = ckpt.config
+    dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
+    weight_bytes = local_weight_bytes(ckpt, dtype)
+    if device.type == "cuda":
+        free, total = cuda_memory(device)
+        check_weights_fit(weight_bytes=weight_bytes, free_bytes=free, total_bytes=total, what="the model")
+    model = load_local_model(model_dir, dtype, device, progress=progress, checkpoint=ckpt)
+    cache = config.cache_config()
+    num_blocks = decide_num_kv_blocks(cache, cfg, dtype, device, weight_bytes=weight_bytes,
+                                      gpu_fraction=gpu_fraction)
+    kv_cache = KVCache(cfg, num_blocks, cache.block_size, dtype=dtype, device=device)
+    memory = MemoryReport(str(device), str(dtype).removeprefix("torch."), weight_bytes, num_blocks,
+                          cache.block_size, kv_cache.nbytes)
+    log.info("single-process engine on %s", memory.summary())
+    tokenizer, eos = load_text_io(model_dir, cfg)
+    config = dataclasses.replace(config, num_kv_blocks=num_blocks)
     return Engine(LocalExecutor(ModelRunner(model, kv_cache)), config,
-                  max_model_len=model.cfg.max_position_embeddings, eos_token_ids=eos, tokenizer=tokenizer)
+                  max_model_len=cfg.max_position_embeddings, eos_token_ids=eos, tokenizer=tokenizer,
+                  memory=(memory,))

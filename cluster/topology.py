@@ -20,7 +20,9 @@ class TopologyConfig:
     num_attention_workers: int = 1
     num_expert_workers: int = 2
     strategy: str = "PACK"
-    use_gpus: bool = False
+    # GPUs each worker reserves: 1 in production; a fraction lets several workers share a GPU
+    # (0.25: one attention + three expert workers on a one-GPU box). 0: CPU only.
+    num_gpus_per_worker: float = 0.0
     num_cpus_per_worker: float = 0.25  # fractional: a 2-core laptop still fits a whole group
     attention_resources: Mapping[str, float] = field(default_factory=dict)
     expert_resources: Mapping[str, float] = field(default_factory=dict)
@@ -34,6 +36,14 @@ class TopologyConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.num_cpus_per_worker < 0:
             raise ValueError("num_cpus_per_worker must be >= 0")
+        if not 0 <= self.num_gpus_per_worker <= 1:
+            raise ValueError(f"num_gpus_per_worker must be in [0, 1] (a worker uses one GPU at most), "
+                             f"got {self.num_gpus_per_worker}")
+
+    @property
+    def gpu_fraction(self) -> float:
+        """Each worker's share of its GPU's memory."""
+        return self.num_gpus_per_worker or 1.0
 
     @property
     def world_size(self) -> int:
@@ -48,8 +58,8 @@ def worker_bundle(cfg: TopologyConfig, kind: str) -> dict[str, float]:
     bundle: dict[str, float] = {}
     if cfg.num_cpus_per_worker:
         bundle["CPU"] = cfg.num_cpus_per_worker
-    if cfg.use_gpus:
-        bundle["GPU"] = 1.0
+    if cfg.num_gpus_per_worker:
+        bundle["GPU"] = cfg.num_gpus_per_worker
     extra = cfg.attention_resources if kind == "attention" else cfg.expert_resources
     bundle.update(extra)
     # Ray rejects empty bundles; a sliver of CPU keeps a resource-free worker placeable.

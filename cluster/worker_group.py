@@ -31,10 +31,13 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.resource_check import describe_missing
 from cluster.topology import TopologyConfig, worker_bundles
 from cluster.worker_fault import WorkerFailed, WorkerFault
 from workers.attention_worker import AttentionWorker
 from workers.batch_spec import ScheduledBatch
+from workers.collective_backend import RankDevice, choose_backend, describe_choice
+from workers.device_memory import MemoryReport
 from workers.expert_worker import ExpertWorker
 from workers.group_spec import GroupSpec
 from workers.step_output import StepOutput
@@ -61,12 +64,14 @@ class GroupPlacement:
 
 
 def reserve(topology: TopologyConfig, timeout_s: float = 120.0) -> GroupPlacement:
-    pg = placement_group(worker_bundles(topology), strategy=topology.strategy)
+    bundles = worker_bundles(topology)
+    pg = placement_group(bundles, strategy=topology.strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        raise TimeoutError(f"could not reserve {worker_bundles(topology)} ({topology.strategy}) "
-                           f"within {timeout_s:.0f}s: not enough resources in the cluster")
+        missing = describe_missing(bundles, ray.available_resources())
+        raise TimeoutError(f"could not reserve {bundles} ({topology.strategy}) within {timeout_s:.0f}s: "
+                           f"{missing or 'the resources exist but not together as the strategy asks'}")
     return GroupPlacement(pg, 0, owned=True)
 
 
@@ -86,10 +91,18 @@ class RayWorkerGroup:
         self.placement = placement or reserve(topology)
         self.num_attention_workers = spec.num_attention_workers
         self._start_all()
+        devices = ray.get([w.rank_device.remote() for w in self.workers], timeout=ready_timeout_s)
+        self.backend = self._choose_backend(devices)
         addr, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=ready_timeout_s)
         self.rendezvous = (addr, port)
-        ray.get([w.join.remote(addr, port) for w in self.workers], timeout=ready_timeout_s)
+        ray.get([w.join.remote(addr, port, self.backend) for w in self.workers], timeout=ready_timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in self.where()}
+
+    def _choose_backend(self, devices: list[RankDevice]) -> str:
+        """The backend every rank will join with; logged once per group formed."""
+        backend = choose_backend(devices)
+        log.info("model group: %s", describe_choice(devices, backend))
+        return backend
 
     def _start_all(self) -> None:
         bundles = worker_bundles(self.topology)
@@ -228,9 +241,11 @@ class RayWorkerGroup:
     async def _start_and_join(self) -> list[dict]:
         self._start_all()
         workers = self.workers
+        devices = await asyncio.gather(*[_awaited(w.rank_device.remote()) for w in workers])
+        self.backend = self._choose_backend(list(devices))
         addr, port = await _awaited(workers[0].rendezvous_address.remote())
         self.rendezvous = (addr, port)
-        await asyncio.gather(*[_awaited(w.join.remote(addr, port)) for w in workers])
+        await asyncio.gather(*[_awaited(w.join.remote(addr, port, self.backend)) for w in workers])
         return await asyncio.gather(*[_awaited(w.where.remote()) for w in workers])
 
     def _kill_all(self) -> None:
@@ -241,6 +256,10 @@ class RayWorkerGroup:
 
     def where(self) -> list[dict]:
         return ray.get([w.where.remote() for w in self.workers])
+
+    def memory_reports(self) -> tuple[MemoryReport, ...]:
+        """Each attention worker's weights and KV cache, in rank order."""
+        return tuple(ray.get([w.memory_report.remote() for w in self.attention]))
 
     def dispatch_stats(self) -> list:
         return ray.get([w.dispatch_stats.remote() for w in self.workers])

@@ -34,6 +34,8 @@ from gateway.engine_deployment import (
     EngineOptions,
 )
 from gateway.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressOptions
+from workers.device import DEVICE_CHOICES
+from workers.device_memory import DEFAULT_GPU_MEMORY_UTILIZATION
 
 APP_NAME = "moe-serve"
 INGRESS_CPUS = 0.1  # the ingress waits on I/O; tokenizing is a sliver of a core
@@ -47,11 +49,13 @@ class ServeOptions:
     num_attention_workers: int = 1
     num_expert_workers: int = 2  # 0: no workers, the whole model runs in the engine replica
     expert_replicas: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (layer, expert) → copies
-    dtype: str = "float32"
+    device: str = "auto"  # of every worker (and a single-process replica): auto | cpu | cuda
+    dtype: str = "auto"  # "auto": the checkpoint's torch_dtype on a GPU, float32 on a CPU
     max_num_seqs: int = 64  # per attention worker
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    num_kv_blocks: int = 1024  # per attention worker
-    use_gpus: bool = False
+    num_kv_blocks: int | None = None  # per attention worker; None: 1024 on a CPU, what fits on a GPU
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # of each worker's GPU share
+    num_gpus_per_worker: float = 0.0  # 1 in production; a fraction shares a GPU; 0: CPU only
     num_cpus_per_worker: float = 0.25  # each worker, and the engine replica itself
     placement_strategy: str = "PACK"  # of a model group's bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     attention_resources: Mapping[str, float] = field(default_factory=dict)  # steer to a node pool
@@ -98,6 +102,13 @@ class ServeOptions:
         for name in ("port", "grpc_port"):
             if not 0 < getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be a TCP port, got {getattr(self, name)}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
+        if not 0 <= self.num_gpus_per_worker <= 1:
+            raise ValueError(f"num_gpus_per_worker must be in [0, 1], got {self.num_gpus_per_worker}")
+        if self.device == "cuda" and not self.num_gpus_per_worker:
+            raise ValueError("device 'cuda' needs GPUs reserved for the workers (Ray hides GPUs from "
+                             "actors that reserve none): add --gpus or --gpus-per-worker")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size")
         self.engine_options()  # the engine, topology and batching fields validate themselves
@@ -111,7 +122,8 @@ class ServeOptions:
         if self.num_expert_workers == 0:
             return None
         return TopologyConfig(num_attention_workers=self.num_attention_workers,
-                              num_expert_workers=self.num_expert_workers, use_gpus=self.use_gpus,
+                              num_expert_workers=self.num_expert_workers,
+                              num_gpus_per_worker=self.num_gpus_per_worker,
                               num_cpus_per_worker=self.num_cpus_per_worker, strategy=self.placement_strategy,
                               attention_resources=dict(self.attention_resources),
                               expert_resources=dict(self.expert_resources))
@@ -120,8 +132,10 @@ class ServeOptions:
         engine = EngineConfig(max_num_seqs=self.max_num_seqs,
                               max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, self.max_num_seqs),
                               num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
+                              gpu_memory_utilization=self.gpu_memory_utilization,
                               num_attention_workers=self.num_attention_workers)
-        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), dtype=self.dtype,
+        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), device=self.device,
+                                  dtype=self.dtype,
                                   step_timeout_s=self.step_timeout_s,
                                   recovery=RecoveryPolicy(self.max_recoveries, self.recovery_window_s))
         return EngineOptions(
@@ -129,6 +143,7 @@ class ServeOptions:
             model_dir=str(Path(self.model_dir).resolve()), engine=engine, topology=self.topology(),
             expert_parallel=ep, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, max_queued_requests=self.max_queued_requests,
+            gpu_fraction=self.num_gpus_per_worker or 1.0,
         )
 
     def ingress_options(self) -> IngressOptions:
@@ -139,10 +154,9 @@ class ServeOptions:
 
 def build_app(options: ServeOptions) -> serve.Application:
     engine_options = options.engine_options()
-    replica_bundle = {"CPU": options.num_cpus_per_worker}
     topology = engine_options.topology
     group = {} if topology is None else {
-        "placement_group_bundles": [replica_bundle, *worker_bundles(topology)],
+        "placement_group_bundles": [replica_bundle(options), *worker_bundles(topology)],
         "placement_group_strategy": topology.strategy,
     }
     # Serve takes either a fixed replica count or an autoscaling config, never both.
@@ -150,7 +164,7 @@ def build_app(options: ServeOptions) -> serve.Application:
                 else {"autoscaling_config": options.autoscaling.serve_config()})
     engine = EngineDeployment.options(
         max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
-        ray_actor_options={"num_cpus": options.num_cpus_per_worker},
+        ray_actor_options=replica_bundle(options, ray_actor_options=True),
         graceful_shutdown_timeout_s=options.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=options.graceful_shutdown_wait_loop_s,
         **replicas, **group,
@@ -159,3 +173,23 @@ def build_app(options: ServeOptions) -> serve.Application:
         num_replicas=options.num_ingress_replicas, max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": INGRESS_CPUS},
     ).bind(engine, options.ingress_options())
+
+
+def replica_bundle(options: ServeOptions, *, ray_actor_options: bool = False) -> dict[str, float]:
+    """What one engine replica reserves for itself. Without expert workers the whole model runs
+    in it, so with GPUs it takes a worker's share of one; with a group, its workers do."""
+    gpus = options.num_gpus_per_worker if options.num_expert_workers == 0 else 0.0
+    if ray_actor_options:
+        return {"num_cpus": options.num_cpus_per_worker, "num_gpus": gpus}
+    return {"CPU": options.num_cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+
+
+def resource_demand(options: ServeOptions) -> list[dict[str, float]]:
+    """Every bundle the application asks Ray for at its start: ingress replicas, then each
+    engine replica with its model group (checked against the cluster before `serve.run`)."""
+    engine_options = options.engine_options()
+    replicas = (options.num_engine_replicas if options.autoscaling is None
+                else options.autoscaling.initial_replicas or options.autoscaling.min_replicas)
+    group = [] if engine_options.topology is None else worker_bundles(engine_options.topology)
+    return ([{"CPU": INGRESS_CPUS}] * options.num_ingress_replicas
+            + [replica_bundle(options), *group] * replicas)

@@ -64,12 +64,29 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                              "replica (default 2)")
     parser.add_argument("--expert-replicas", default="", metavar="L:E=N,...",
                         help="extra copies of hot experts, e.g. '0:3=2,1:5=2' (layer 0 expert 3 twice, ...)")
-    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where each worker computes: auto = the GPU Ray gave it, else the CPU "
+                             "(default auto); cuda needs --gpus or --gpus-per-worker")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto, float32, bfloat16 or float16 (default auto: the checkpoint's "
+                             "torch_dtype on a GPU, float32 on a CPU)")
     parser.add_argument("--max-num-seqs", type=int, default=64,
                         help="running sequences per attention worker (default 64)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length limit (default: the model's max_position_embeddings)")
-    parser.add_argument("--gpus", action="store_true", help="one GPU per worker (default: CPU only)")
+    parser.add_argument("--gpus", action="store_true",
+                        help="one GPU per worker, and for the engine replica with --expert-workers 0 "
+                             "(default: CPU only); same as --gpus-per-worker 1")
+    parser.add_argument("--gpus-per-worker", type=float, default=None, metavar="F",
+                        help="GPUs each worker reserves, a fraction to share one GPU (0.25: one "
+                             "attention + three expert workers on one GPU; rows then move through "
+                             "host memory instead of NCCL)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                        help="fraction of each worker's GPU share for its weights, activations and KV "
+                             "cache; the KV cache gets what is left after the weights (default 0.9)")
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV-cache blocks of 16 tokens per attention worker (default: 1024 on a CPU, "
+                             "what fits on a GPU)")
     parser.add_argument("--cpus-per-worker", type=float, default=0.25,
                         help="CPUs Ray reserves per worker and for the engine replica (default 0.25)")
     parser.add_argument("--engine-replicas", type=int, default=None,
@@ -108,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import os
 
     from gateway.app import ServeOptions
+    from gateway.cluster_fit import ClusterTooSmall
     from gateway.serve_command import parse_expert_replicas
     from gateway.serve_command import run_serve as serve
     from workers.demo_checkpoint import ensure_demo_checkpoint
@@ -120,7 +138,9 @@ def run_serve(args: argparse.Namespace) -> int:
             model_dir=str(model_dir), model_name=args.model_name,
             num_attention_workers=args.attention_workers, num_expert_workers=args.expert_workers,
             expert_replicas=parse_expert_replicas(args.expert_replicas), dtype=args.dtype,
-            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, use_gpus=args.gpus,
+            max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, device=args.device,
+            num_gpus_per_worker=gpus_per_worker(args), gpu_memory_utilization=args.gpu_memory_utilization,
+            num_kv_blocks=args.num_kv_blocks,
             num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas or 1,
             autoscaling=autoscaling_from_args(args),
             graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
@@ -136,7 +156,18 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2
-    return serve(options, address=args.address)
+    try:
+        return serve(options, address=args.address)
+    except ClusterTooSmall as exc:  # a set-up error, not a crash: no traceback
+        print(f"moe-serve serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def gpus_per_worker(args: argparse.Namespace) -> float:
+    """--gpus is --gpus-per-worker 1; asking for both is a contradiction, not a preference."""
+    if args.gpus and args.gpus_per_worker is not None:
+        raise ValueError("give --gpus or --gpus-per-worker, not both")
+    return 1.0 if args.gpus else (args.gpus_per_worker or 0.0)
 
 
 def add_autoscaling_arguments(parser: argparse.ArgumentParser) -> None:

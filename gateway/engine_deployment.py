@@ -33,6 +33,7 @@ from gateway.deadline import DeadlineExceeded, remaining_s
 from gateway.drain import DrainWatch
 from gateway.generation_request import GenerationRequest
 from gateway.metrics import ServingMetrics
+from workers.device_memory import MemoryReport
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class EngineOptions:
     model_name: str = "moe-serve"  # the `model` label of every metric
     metrics_interval_s: float = 1.0  # how often worker stats are drained into metrics
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS  # waiting requests; more are refused (429)
+    gpu_fraction: float = 1.0  # a single-process replica's share of its GPU (its KV budget)
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:
@@ -73,6 +75,7 @@ class ModelInfo:
 
     max_model_len: int  # prompt + max_tokens may not exceed this
     vocab_size: int  # token ids must be below this
+    memory: tuple[MemoryReport, ...] = ()  # each KV-cache holder's device, weights and cache
 
 
 @serve.deployment(name="EngineDeployment")
@@ -88,7 +91,7 @@ class EngineDeployment:
             self.engine, self.group = self._build_distributed(options)
         model_config = ModelConfig.from_dir(options.model_dir)
         self.model_info = ModelInfo(max_model_len=self.engine.max_model_len,
-                                    vocab_size=model_config.vocab_size)
+                                    vocab_size=model_config.vocab_size, memory=self.engine.memory)
         self._admit.set_max_batch_size(options.max_batch_size)
         self._admit.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self.num_experts = model_config.num_local_experts
@@ -127,12 +130,12 @@ class EngineDeployment:
         import torch
 
         from cluster.local_engine import build_local_engine
-        from workers.dtypes import parse_dtype
 
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
-        return build_local_engine(options.model_dir, options.engine,
-                                  dtype=parse_dtype(options.expert_parallel.dtype))
+        ep = options.expert_parallel
+        return build_local_engine(options.model_dir, options.engine, dtype=ep.dtype, device=ep.device,
+                                  gpu_fraction=options.gpu_fraction)
 
     @staticmethod
     def _build_distributed(options: EngineOptions):

@@ -10,11 +10,11 @@ import time
 
 from workers.a2a_dispatcher import AllToAllDispatcher
 from workers.batch_spec import ScheduledBatch
-from workers.checkpoint import Checkpoint
-from workers.dtypes import parse_dtype
+from workers.device_memory import MemoryReport
 from workers.group_member import GroupMember
 from workers.group_spec import GroupSpec
 from workers.kv_cache import KVCache
+from workers.kv_cache_sizing import decide_num_kv_blocks
 from workers.mixtral import MixtralModel
 from workers.model_runner import ModelRunner
 from workers.model_weights import AttentionSideWeights
@@ -28,14 +28,21 @@ class AttentionWorker(GroupMember):
         if rank >= spec.num_attention_workers:
             raise ValueError(f"rank {rank} is an expert rank")
         super().__init__(spec, rank)
-        ckpt = Checkpoint.open(spec.model_dir)
-        self.config = ckpt.config
-        self.dtype = parse_dtype(spec.dtype, auto=self.config.torch_dtype)
-        self.weights = AttentionSideWeights.from_state(
-            self.config, ckpt.load_attention_weights(self.dtype, progress=False))
-        self.kv_cache = KVCache(self.config, spec.num_kv_blocks, spec.block_size, dtype=self.dtype)
+        weight_bytes = self.checkpoint.attention_weight_bytes(self.dtype)
+        self.check_weights_fit(weight_bytes)
+        state = self.checkpoint.load_attention_weights(self.dtype, progress=False, device=self.device)
+        self.weights = AttentionSideWeights.from_state(self.config, state)
+        num_blocks = decide_num_kv_blocks(spec.cache, self.config, self.dtype, self.device,
+                                          weight_bytes=weight_bytes, gpu_fraction=spec.gpu_fraction)
+        self.kv_cache = KVCache(self.config, num_blocks, spec.cache.block_size, dtype=self.dtype,
+                                device=self.device)
+        self.memory = MemoryReport(str(self.device), str(self.dtype).removeprefix("torch."), weight_bytes,
+                                   num_blocks, spec.cache.block_size, self.kv_cache.nbytes)
         self.runner: ModelRunner | None = None
         self.dispatcher: AllToAllDispatcher | None = None
+
+    def memory_report(self) -> MemoryReport:
+        return self.memory
 
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, {},

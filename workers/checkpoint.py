@@ -12,6 +12,7 @@ w3 [F, H] (up), w2 [H, F] (down): expert(x) = w2 @ (silu(w1 @ x) * (w3 @ x)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,17 @@ class Checkpoint:
     def stored_dtype_tag(self, name: str) -> str:
         """The safetensors dtype tag ("BF16", ...) the tensor is stored in."""
         return self._info(name).dtype
+
+    def nbytes(self, names: Iterable[str], dtype: str | torch.dtype) -> int:
+        """What `load(names, dtype)` will hold in memory: checked against a GPU before loading."""
+        itemsize = torch.empty((), dtype=parse_dtype(dtype, auto=self.config.torch_dtype)).element_size()
+        return sum(math.prod(self.shape(name)) for name in dict.fromkeys(names)) * itemsize
+
+    def attention_weight_bytes(self, dtype: str | torch.dtype) -> int:
+        return self.nbytes(attention_weight_shapes(self.config), dtype)
+
+    def expert_weight_bytes(self, pairs: Iterable[tuple[int, int]], dtype: str | torch.dtype) -> int:
+        return self.nbytes(expert_shapes_for(self.config, pairs), dtype)
 
     def load(
         self, names: Iterable[str], dtype: str | torch.dtype, *, progress: bool = True,

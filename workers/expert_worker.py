@@ -11,8 +11,6 @@ import time
 import torch
 
 from workers.a2a_dispatcher import AllToAllDispatcher
-from workers.checkpoint import Checkpoint
-from workers.dtypes import parse_dtype
 from workers.group_member import GroupMember
 from workers.group_spec import GroupSpec
 from workers.model_weights import experts_by_layer
@@ -26,13 +24,12 @@ class ExpertWorker(GroupMember):
         if rank < spec.num_attention_workers:
             raise ValueError(f"rank {rank} is an attention rank")
         super().__init__(spec, rank)
-        ckpt = Checkpoint.open(spec.model_dir)
-        self.config = ckpt.config
-        self.dtype = parse_dtype(spec.dtype, auto=self.config.torch_dtype)
         emap = spec.expert_map
         pairs = [(layer, e) for layer in range(emap.num_layers) for e in emap.local_experts(layer, rank)]
         self.pairs = tuple(pairs)
-        self.experts = experts_by_layer(ckpt.load_expert_weights(pairs, self.dtype, progress=False))
+        self.check_weights_fit(self.checkpoint.expert_weight_bytes(pairs, self.dtype))
+        self.experts = experts_by_layer(
+            self.checkpoint.load_expert_weights(pairs, self.dtype, progress=False, device=self.device))
         self.dispatcher: AllToAllDispatcher | None = None
 
     def on_joined(self) -> None:
@@ -43,8 +40,8 @@ class ExpertWorker(GroupMember):
     def execute(self) -> int:
         """Serve one model step: every MoE layer, in order. Returns rows processed."""
         cfg, d = self.config, self.dispatcher
-        x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype)
-        routing = empty_routing(cfg.num_experts_per_tok)
+        x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        routing = empty_routing(cfg.num_experts_per_tok, self.device)
         rows = 0
         for layer in range(cfg.num_hidden_layers):
             x_MH, plan = d.dispatch(layer, x_TH, routing)

@@ -1,4 +1,5 @@
-"""What attention and expert workers share: joining the group's process group."""
+"""What attention and expert workers share: the one device decision, the checkpoint, and
+joining the group's process group."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from datetime import timedelta
 
 import torch
 
+from workers.checkpoint import Checkpoint
+from workers.collective_backend import RankDevice
+from workers.device import resolve_dtype, select_device
+from workers.device_memory import check_weights_fit, cuda_memory
 from workers.group_spec import GroupSpec
 from workers.transport import (
     ProcessGroupTransport,
@@ -25,10 +30,21 @@ class GroupMember:
         torch.set_num_threads(spec.num_threads)
         self.spec = spec
         self.rank = rank
+        self.device = select_device(spec.device)  # once, here; everything below is built on it
+        self.checkpoint = Checkpoint.open(spec.model_dir)
+        self.config = self.checkpoint.config
+        self.dtype = resolve_dtype(spec.dtype, self.device, self.config.torch_dtype)
         self.transport: ProcessGroupTransport | None = None
         self.dispatcher = None  # built in on_joined()
         self.busy_seconds = 0.0
         self.num_steps = 0
+
+    def check_weights_fit(self, weight_bytes: int) -> None:
+        """On a GPU, before a byte is loaded: a share of the checkpoint that cannot fit fails now."""
+        if self.device.type == "cuda":
+            free, total = cuda_memory(self.device)
+            check_weights_fit(weight_bytes=weight_bytes, free_bytes=free, total_bytes=total,
+                              what=f"{self.kind} worker rank {self.rank}")
 
     def dispatch_stats(self) -> WorkerStats:
         """What this worker did since the last call (the counters restart)."""
@@ -36,14 +52,21 @@ class GroupMember:
         steps, self.num_steps = self.num_steps, 0
         return WorkerStats(self.rank, self.kind, self.dispatcher.stats.snapshot_and_reset(), busy, steps)
 
+    def rank_device(self) -> RankDevice:
+        """Where this rank's tensors live: the group chooses its backend from every rank's answer."""
+        node = _node_id() or socket.gethostname()
+        if self.device.type != "cuda":
+            return RankDevice("cpu", node)
+        return RankDevice("cuda", node, _gpu_identity(self.device))
+
     def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0 publishes where the group meets: this node's real address and a free port."""
         return pick_rendezvous_address(), pick_free_port()
 
-    def join(self, master_addr: str, master_port: int) -> None:
+    def join(self, master_addr: str, master_port: int, backend: str) -> None:
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         self.transport = init_process_group(self.rank, self.spec.world_size, master_addr, master_port,
-                                            self.spec.backend, timeout)
+                                            backend, self.device, timeout)
         self.on_joined()
 
     def on_joined(self) -> None:
@@ -52,18 +75,31 @@ class GroupMember:
     def where(self) -> dict:
         """Where this worker runs: tests assert placement with it."""
         info = {"rank": self.rank, "pid": os.getpid(), "hostname": socket.gethostname(),
-                "address": pick_rendezvous_address()}
-        try:
-            import ray  # only for the answer; the worker itself does not depend on Ray
-
-            if ray.is_initialized():
-                ctx = ray.get_runtime_context()
-                info["node_id"] = ctx.get_node_id()
-        except ImportError:
-            pass
+                "address": pick_rendezvous_address(), "device": str(self.device)}
+        node_id = _node_id()
+        if node_id is not None:
+            info["node_id"] = node_id
         return info
 
     def leave(self) -> None:
         if self.transport is not None:
             self.transport.destroy()
             self.transport = None
+
+
+def _node_id() -> str | None:
+    """The Ray node this worker runs on, if it runs under Ray (the worker does not depend on Ray)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _gpu_identity(device: torch.device) -> str:
+    """The physical GPU behind `device`: two ranks given fractions of one GPU report the same."""
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    return f"pci:{getattr(props, 'pci_bus_id', device.index)}"

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from workers.cache_config import CacheConfig
+from workers.device import DEVICE_CHOICES
 from workers.expert_map import ExpertMap
 
 
 @dataclass(frozen=True)
 class GroupSpec:
     model_dir: str
-    dtype: str  # "float32" | "bfloat16" | "float16" | "auto"
     expert_map: ExpertMap  # ranks [0, A) attention, [A, A+X) experts
     num_attention_workers: int
-    num_kv_blocks: int
-    block_size: int
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device: str = "auto"  # each worker resolves it once at start (workers/device.py)
+    dtype: str = "auto"  # "auto": the checkpoint's torch_dtype on a GPU, float32 on a CPU
+    gpu_fraction: float = 1.0  # of a GPU each worker was given: its share of that GPU's memory
     capacity_factor: float | None = None  # None: dropless
-    backend: str | None = None  # None: nccl with CUDA, else gloo
     num_threads: int = 1  # torch intra-op threads per worker
     collective_timeout_s: float = 120.0
 
@@ -26,6 +28,10 @@ class GroupSpec:
         if tuple(self.expert_map.expert_ranks) != tuple(range(self.num_attention_workers,
                                                              self.expert_map.world_size)):
             raise ValueError("expert ranks must follow the attention ranks")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
+        if not 0 < self.gpu_fraction <= 1:
+            raise ValueError(f"gpu_fraction must be in (0, 1], got {self.gpu_fraction}")
 
     @property
     def world_size(self) -> int:

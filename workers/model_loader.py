@@ -12,12 +12,21 @@ from workers.mixtral import MixtralModel
 from workers.model_weights import AttentionSideWeights, experts_by_layer
 from workers.weight_names import all_expert_pairs
 
+CPU = torch.device("cpu")
 
-def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32,
-                     progress: bool = False) -> MixtralModel:
-    ckpt = Checkpoint.open(model_dir)
+
+def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, device: torch.device = CPU,
+                     progress: bool = False, checkpoint: Checkpoint | None = None) -> MixtralModel:
+    """Every weight, read straight onto `device` (a GPU gets no host copy of the checkpoint)."""
+    ckpt = checkpoint or Checkpoint.open(model_dir)
     cfg = ckpt.config
     attention_side = AttentionSideWeights.from_state(
-        cfg, ckpt.load_attention_weights(dtype, progress=progress))
-    experts = ckpt.load_expert_weights(all_expert_pairs(cfg), dtype, progress=progress)
+        cfg, ckpt.load_attention_weights(dtype, progress=progress, device=device))
+    experts = ckpt.load_expert_weights(all_expert_pairs(cfg), dtype, progress=progress, device=device)
     return MixtralModel(cfg, attention_side, LocalDispatcher(experts_by_layer(experts)))
+
+
+def local_weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:
+    """What `load_local_model` will hold: the attention side and every expert."""
+    return (checkpoint.attention_weight_bytes(dtype)
+            + checkpoint.expert_weight_bytes(all_expert_pairs(checkpoint.config), dtype))

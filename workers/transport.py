@@ -31,7 +31,10 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from workers.collective_backend import BACKENDS
+
 Counts = Sequence[int]  # one per rank
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,6 @@ class Transport(Protocol):
                                recv_counts: Counts) -> torch.Tensor: ...
 
     def destroy(self) -> None: ...
-
-
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def pick_rendezvous_address() -> str:
@@ -173,21 +172,34 @@ def init_method(master_addr: str, master_port: int) -> str:
 
 
 class ProcessGroupTransport:
-    """all_to_all over this process's torch.distributed default group."""
+    """all_to_all over this process's torch.distributed default group.
 
-    def __init__(self, rank: int, world_size: int, backend: str) -> None:
+    `device` is where callers' rows live. Under "nccl" the collectives run there; under "gloo"
+    and "staged" they run on host tensors, and under "staged" rows on a GPU are copied through
+    pinned host memory on the way in and out (collective_backend.py says why).
+    """
+
+    def __init__(self, rank: int, world_size: int, backend: str, device: torch.device) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError(f"the nccl backend moves GPU tensors; this rank's device is {device}")
         self.rank, self.world_size, self.backend = rank, world_size, backend
-        self.device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-                       else torch.device("cpu"))
+        self.device = device
+        self.collective_device = device if backend == "nccl" else torch.device("cpu")
         self.group = dist.group.WORLD
         self.last_transfer = Transfer()
         self.total_transfer = Transfer()
 
     def exchange_counts(self, counts_WC: torch.Tensor) -> torch.Tensor:
-        """Row r of `counts_WC` goes to rank r; row s of the result came from rank s (int64)."""
+        """Row r of `counts_WC` goes to rank r; row s of the result came from rank s (int64).
+
+        The result stays where the collective ran: callers read it on the host anyway (the
+        row all-to-all needs its split sizes there), and a GPU copy would only add a sync.
+        """
         if counts_WC.shape[0] != self.world_size:
             raise ValueError(f"counts have {counts_WC.shape[0]} rows, world size is {self.world_size}")
-        send_WC = counts_WC.to(self.device, torch.int64).contiguous()
+        send_WC = counts_WC.to(self.collective_device, torch.int64).contiguous()
         recv_WC = torch.empty_like(send_WC)
         start = time.perf_counter()
         dist.all_to_all_single(recv_WC, send_WC, group=self.group)
@@ -212,13 +224,20 @@ class ProcessGroupTransport:
                              f"got {send_counts}, {recv_counts}")
         if sum(send_counts) != x_NH.shape[0]:
             raise ValueError(f"send counts {send_counts} do not add up to the {x_NH.shape[0]} rows given")
-        x_NH = x_NH.contiguous()
-        y_MH = x_NH.new_empty((sum(recv_counts), *x_NH.shape[1:]))
+        shape_MH = (sum(recv_counts), *x_NH.shape[1:])
+        staged = x_NH.device != self.collective_device
+        if staged:
+            # Pinned buffers: the copy back to the GPU can then run without blocking the host.
+            x_NH = torch.empty(x_NH.shape, dtype=x_NH.dtype, pin_memory=True).copy_(x_NH)
+            y_MH = torch.empty(shape_MH, dtype=x_NH.dtype, pin_memory=True)
+        else:
+            x_NH = x_NH.contiguous()
+            y_MH = x_NH.new_empty(shape_MH)
         start = time.perf_counter()
         dist.all_to_all_single(y_MH, x_NH, output_split_sizes=list(recv_counts),
                                input_split_sizes=list(send_counts), group=self.group)
         self._record(x_NH.nbytes, y_MH.nbytes, start)
-        return y_MH
+        return y_MH.to(self.device, non_blocking=True) if staged else y_MH
 
     def destroy(self) -> None:
         if dist.is_initialized():
@@ -232,22 +251,26 @@ class ProcessGroupTransport:
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
-                       backend: str | None = None,
+                       backend: str, device: torch.device = CPU,
                        timeout: timedelta = timedelta(seconds=60)) -> ProcessGroupTransport:
     """Join the model group's process group; every rank calls this with rank 0's address and port.
 
-    `timeout` bounds the rendezvous and every later collective, so a dead peer surfaces as
-    an error instead of a hang.
+    `backend` comes from `collective_backend.choose_backend` over every rank's device, so all
+    ranks agree on it. `timeout` bounds the rendezvous and every later collective, so a dead
+    peer surfaces as an error instead of a hang.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if dist.is_initialized():
         raise RuntimeError("this process already has a process group; destroy() the old transport first")
-    backend = backend or default_backend()
-    with gloo_bound_towards(master_addr) if backend == "gloo" else contextlib.nullcontext():
-        dist.init_process_group(backend, init_method=init_method(master_addr, master_port), rank=rank,
-                                world_size=world_size, timeout=timeout)
-    return ProcessGroupTransport(rank, world_size, backend)
+    dist_backend = "nccl" if backend == "nccl" else "gloo"
+    with gloo_bound_towards(master_addr) if dist_backend == "gloo" else contextlib.nullcontext():
+        dist.init_process_group(dist_backend, init_method=init_method(master_addr, master_port), rank=rank,
+                                world_size=world_size, timeout=timeout,
+                                device_id=device if backend == "nccl" else None)
+    return ProcessGroupTransport(rank, world_size, backend, device)
 
 
 class LocalTransport:
