@@ -109,6 +109,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP and gRPC bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--grpc-port", type=int, default=9000, help="gRPC port (default 9000)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="where this cluster's node exports Prometheus metrics (default 8080, as KubeRay "
+                             "expects; 0: none); with --address, the nodes' own `ray start` ports apply")
     parser.add_argument("--api-key", default=None,
                         help="require 'Authorization: Bearer KEY' on every route and RPC but /health, /ready "
                              "and gRPC health (default: $MOE_SERVE_API_KEY; none: no authentication)")
@@ -157,7 +160,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2
     try:
-        return serve(options, address=args.address)
+        return serve(options, address=args.address, metrics_port=args.metrics_port)
     except ClusterTooSmall as exc:  # a set-up error, not a crash: no traceback
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2

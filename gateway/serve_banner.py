@@ -1,0 +1,119 @@
+"""What `moe-serve serve` prints once it is ready: where everything listens, the layout it runs,
+where the metrics are, and a request to paste.
+
+Pure functions of the options and what Ray reported, so tests read the text without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.app import ServeOptions
+from workers.demo_checkpoint import MARKER_FILE as DEMO_MARKER_FILE
+
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+SAMPLE_PROMPT = "Once upon a time"  # a continuation, not a question: the demo model's text is random
+MAX_LISTED_NODES = 8
+
+
+@dataclass(frozen=True)
+class MetricsEndpoint:
+    """One Ray node's Prometheus export: http://{address}:{port}/metrics."""
+
+    address: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{url_host(self.address)}:{self.port}/metrics"
+
+
+def url_host(host: str) -> str:
+    """`host` as it goes in a URL a client on this machine can use: a wildcard bind address is
+    reached at 127.0.0.1, an IPv6 literal goes in brackets."""
+    if host in WILDCARD_HOSTS:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def listen_note(host: str) -> str:
+    return f"   (listening on {host or '*'}: every interface)" if host in WILDCARD_HOSTS else ""
+
+
+def layout_line(options: ServeOptions) -> str:
+    """The model group this serves: workers, device and dtype."""
+    if options.num_expert_workers == 0:
+        workers = "the whole model in one engine replica (no expert workers)"
+    else:
+        workers = (f"{options.num_attention_workers} attention + {options.num_expert_workers} expert "
+                   "workers per model group")
+    groups = "" if options.autoscaling is not None or options.num_engine_replicas == 1 \
+        else f", {options.num_engine_replicas} model groups"
+    # `device` is set by --device where this version has it; the workers resolve "auto" themselves.
+    device = getattr(options, "device", None)
+    where = f", device {device}" if device is not None else ""
+    return f"  layout      {workers}{groups}{where}, dtype {options.dtype}"
+
+
+def metrics_lines(endpoints: Sequence[MetricsEndpoint], *, joined: bool,
+                  metrics_port: int | None) -> list[str]:
+    """Where Prometheus text is: this cluster's one node, or every node of a joined cluster."""
+    if not joined:
+        if metrics_port == 0 or not endpoints:
+            return ["  metrics     off (--metrics-port 0)"]
+        return [f"  metrics     {endpoints[0].url}"]
+    if not endpoints:
+        return ["  metrics     the cluster's nodes export none (started without a metrics port?)"]
+    lines = [f"  metrics     each node of the cluster exports its own ({len(endpoints)} nodes):"]
+    lines += [f"              {e.url}" for e in endpoints[:MAX_LISTED_NODES]]
+    if len(endpoints) > MAX_LISTED_NODES:
+        lines.append(f"              ... and {len(endpoints) - MAX_LISTED_NODES} more (ray list nodes)")
+    return lines
+
+
+def auth_header(options: ServeOptions, *, key_from_env: bool) -> str:
+    """The curl option that sends the key the way it was given: the variable, or the key itself."""
+    if options.api_key is None:
+        return ""
+    if key_from_env:
+        return ' -H "Authorization: Bearer $MOE_SERVE_API_KEY"'
+    return " -H " + shlex.quote(f"Authorization: Bearer {options.api_key}")
+
+
+def is_demo_model(model_dir: str) -> bool:
+    return (Path(model_dir) / DEMO_MARKER_FILE).is_file()
+
+
+def banner(options: ServeOptions, *, grpc: bool, key_from_env: bool,
+           metrics: Sequence[str] = ()) -> str:
+    """The ready message. `metrics` are the lines of `metrics_lines`."""
+    base = f"http://{url_host(options.host)}:{options.port}"
+    body = {"model": options.served_model_name, "prompt": SAMPLE_PROMPT, "max_tokens": 16}
+    lines = [
+        f"moe-serve: serving {options.served_model_name!r} from {options.model_dir}",
+        layout_line(options),
+        f"  OpenAI API  {base}/v1   (completions, chat/completions, models){listen_note(options.host)}",
+        f"  health      {base}/health   ready {base}/ready",
+    ]
+    if options.autoscaling is not None:
+        scale = options.autoscaling
+        lines.append(f"  autoscaling {scale.min_replicas}..{scale.max_replicas} model groups, "
+                     f"~{scale.target_ongoing_requests:g} ongoing requests each")
+    if grpc:
+        lines.append(f"  gRPC        {url_host(options.host)}:{options.grpc_port}   "
+                     f"(moe_serve.v1.MoeServe, grpc.health.v1, reflection){listen_note(options.host)}")
+    lines += list(metrics)
+    lines += [
+        "Try:",
+        f"  curl {base}/v1/completions -H 'Content-Type: application/json'"
+        f"{auth_header(options, key_from_env=key_from_env)} \\",
+        f"    -d {shlex.quote(json.dumps(body))}",
+    ]
+    if is_demo_model(options.model_dir):
+        lines.append("The demo model has random weights: expect random text, not an answer.")
+    lines.append("Ctrl-C stops.")
+    return "\n".join(lines)
