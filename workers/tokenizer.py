@@ -99,7 +99,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings inside `text` (e.g. "<s>") become their ids."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: only the batch call lets go of the GIL while Rust works, so a
+        # long prompt tokenized on a thread (the ingress's pool) does not stall the event loop.
+        ids = self.backend.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self.add_bos_token:
             return [self.bos_token_id, *ids]
         return ids
