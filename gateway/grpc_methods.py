@@ -94,7 +94,7 @@ class GrpcMethods:
     async def Generate(self, request: pb.GenerateRequest,
                        grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
         try:
-            gen = self._admit(request, grpc_context)
+            gen = await self._admit(request, grpc_context)
             token_ids, text, logprobs, last = [], [], [], None
             async with aclosing(self._outputs(gen)) as outputs:
                 async for out in outputs:
@@ -114,7 +114,7 @@ class GrpcMethods:
     async def GenerateStream(self, request: pb.GenerateRequest,
                              grpc_context: RayServegRPCContext) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            gen = self._admit(request, grpc_context)
+            gen = await self._admit(request, grpc_context)
             async with aclosing(self._outputs(gen)) as outputs:
                 async for out in outputs:
                     yield pb.GenerateStreamResponse(
@@ -214,7 +214,8 @@ class GrpcMethods:
 
     # -- one generation --------------------------------------------------------------------------
 
-    def _admit(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> GenerationRequest:
+    async def _admit(self, request: pb.GenerateRequest,
+                     grpc_context: RayServegRPCContext) -> GenerationRequest:
         """Authenticate and validate a request and turn it into the engine's message."""
         self._authenticate(grpc_context)
         _check_parsed(request)
@@ -228,7 +229,7 @@ class GrpcMethods:
             params = sampling_params(request.sampling)
         except SamplingParamsError as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{clip_value(str(exc))}") from None
-        prompt_ids = self._prompt_ids(request)
+        prompt_ids = await self._prompt_ids(request)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,
                             f"sampling.max_tokens: the prompt's {len(prompt_ids)} tokens plus max_tokens "
@@ -251,14 +252,14 @@ class GrpcMethods:
             raise GrpcError(grpc.StatusCode.UNAUTHENTICATED,
                             "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
 
-    def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
+    async def _prompt_ids(self, request: pb.GenerateRequest) -> tuple[int, ...]:
         which = request.WhichOneof("prompt")
         if which == "text":
             if self.max_prompt_chars is not None and len(request.text) > self.max_prompt_chars:
                 raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT,  # refused before tokenizing it
                                 f"text: {len(request.text)} characters cannot fit in the model's context "
                                 f"of {self.max_model_len} tokens")
-            ids = tuple(self.tokenizer.encode(request.text))
+            ids = tuple(await asyncio.to_thread(self.tokenizer.encode, request.text))  # off the event loop
         elif which == "token_ids":
             ids = tuple(request.token_ids.ids)
             if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
