@@ -13,7 +13,12 @@ compiles).
 
 One program per (sequence, key/value head) serves all Q/G query heads that share the head
 (GQA), so each key is loaded once per group. It walks the visible keys in tiles with an
-online softmax in fp32 (running max, running sum, rescaled accumulator). HF Mixtral's window:
+online softmax in fp32 (running max, running sum, rescaled accumulator). Keys and values are
+widened to fp32 as they are loaded and the dots run on fp32 operands: TF32 for half-precision
+caches, which holds a bf16 or fp16 value exactly (and the softmax weights p more finely than a
+cast back to bf16 would), IEEE for fp32 caches, the accuracy reference. Decode is bound by
+reading the cache, not by the dots, so the wider operands cost nothing that shows; and
+Triton's interpreter, which the CPU tests run, multiplies bf16 as raw integers in tl.dot. HF Mixtral's window:
 a token sees itself and the sliding_window - 1 before it, so a query at position ctx-1 reads
 keys from max(0, ctx - sliding_window).
 """
@@ -56,8 +61,7 @@ def _paged_decode_kernel(
     heads = kv_head * GROUP + offs_h  # HF's repeat_kv order: query head h reads key head h // GROUP
 
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)
-    q = q.to(k_ptr.dtype.element_ty)
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -72,7 +76,7 @@ def _paged_decode_kernel(
         in_block = pos % BLOCK_SIZE
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + block[:, None] * stride_kn + in_block[:, None] * stride_kp
-                    + kv_head * stride_kg + offs_d[None, :], mask=kv_mask, other=0.0)
+                    + kv_head * stride_kg + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         # [GROUP_PAD, KEY_TILE], in log2 units: exp2 is the cheap exponential.
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         scores = tl.where(key_ok[None, :], scores, float("-inf"))
@@ -82,8 +86,8 @@ def _paged_decode_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + block[:, None] * stride_vn + in_block[:, None] * stride_vp
-                    + kv_head * stride_vg + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+                    + kv_head * stride_vg + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -130,6 +134,5 @@ def paged_decode_attention(
         GROUP_PAD=max(_MIN_DOT, triton.next_power_of_2(group)),
         HEAD_DIM_PAD=max(_MIN_DOT, triton.next_power_of_2(D)),
         KEY_TILE=_KEY_TILE,
-        # fp32 caches are the accuracy reference: no TF32 rounding in the dots.
         DOT_PRECISION="ieee" if fp32 else "tf32",
     )
