@@ -62,18 +62,21 @@ class LayerExperts:
     w2_EHF: torch.Tensor  # [E_local, H, F]
     w13: tuple[PackedLinear, ...] = field(init=False, repr=False, compare=False)
     w2: tuple[PackedLinear, ...] = field(init=False, repr=False, compare=False)
-    grouped_mm_ready: bool = field(init=False, repr=False, compare=False)  # layout fits _grouped_mm
+    # Whether `_grouped_mm` takes these stacks on their device, right and without a host sync:
+    # decided here, at load, before any step runs (the probe flips a process-wide CUDA mode).
+    grouped_mm_ready: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.w13_EFH.device != self.w2_EHF.device or self.w13_EFH.dtype != self.w2_EHF.dtype:
             raise ValueError(f"w13 is {self.w13_EFH.dtype} on {self.w13_EFH.device}, "
                              f"w2 is {self.w2_EHF.dtype} on {self.w2_EHF.device}")
-        # Contiguous once here, so the per-call views below never copy.
+        # Contiguous once here, so the transposed views grouped_mm reads never copy.
         object.__setattr__(self, "w13_EFH", self.w13_EFH.contiguous())
         object.__setattr__(self, "w2_EHF", self.w2_EHF.contiguous())
         object.__setattr__(self, "w13", tuple(PackedLinear.pack(w) for w in self.w13_EFH))
         object.__setattr__(self, "w2", tuple(PackedLinear.pack(w) for w in self.w2_EHF))
-        object.__setattr__(self, "grouped_mm_ready", grouped_mm_layout_ok(self.w13_EFH, self.w2_EHF))
+        object.__setattr__(self, "grouped_mm_ready", grouped_mm_layout_ok(self.w13_EFH, self.w2_EHF)
+                           and _grouped_mm_is_sync_free(self.w13_EFH.device, self.w13_EFH.dtype))
 
     def __reduce__(self):
         # The default would pickle every packed per-expert view, and each view drags the whole
@@ -145,12 +148,12 @@ def run_experts(impl: ExpertsImpl, x_NH: torch.Tensor, counts_E: torch.Tensor,
 
 
 def experts_impl_for(x_NH: torch.Tensor, experts: LayerExperts) -> ExpertsImpl:
-    """grouped_mm where it runs without a host sync (CUDA, a laid-out stack, a dtype whose
-    kernel passed the probe); the loop everywhere else, the CPU included, where oneDNN's packed
-    weights beat torch's CPU grouped_mm (a loop of plain matmuls)."""
+    """grouped_mm on CUDA where it runs without a host sync (`LayerExperts.grouped_mm_ready`);
+    the loop everywhere else, the CPU included, where oneDNN's packed weights beat torch's CPU
+    grouped_mm (a loop of plain matmuls)."""
     w = experts.w13_EFH
-    if (x_NH.device.type == "cuda" and x_NH.device == w.device and x_NH.dtype == w.dtype
-            and experts.grouped_mm_ready and _grouped_mm_is_sync_free(w.device, w.dtype)):
+    if x_NH.device.type == "cuda" and x_NH.device == w.device and x_NH.dtype == w.dtype \
+            and experts.grouped_mm_ready:
         return "grouped_mm"
     return "loop"
 
@@ -174,7 +177,7 @@ def grouped_mm_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: Laye
     would come back uninitialised."""
     if _grouped_mm is None:
         raise RuntimeError("this torch has neither F.grouped_mm nor torch._grouped_mm")
-    if not experts.grouped_mm_ready:
+    if not grouped_mm_layout_ok(experts.w13_EFH, experts.w2_EHF):
         raise ValueError(f"experts of hidden {experts.hidden_size}, intermediate "
                          f"{experts.intermediate_size}, {experts.w13_EFH.dtype}: not laid out for "
                          "_grouped_mm (rows must be 16-byte multiples, stacks contiguous)")
@@ -205,7 +208,8 @@ def _grouped_mm_is_sync_free(device: torch.device, dtype: torch.dtype) -> bool:
     fp16, other GPUs) it falls back to a loop of matmuls that first copies the offsets to the
     host, a sync per call and no better than our loop. Rather than copy torch's rule, the probe
     asks: under sync-debug mode "error" that copy raises. The mode is process-wide, so the probe
-    runs once, at the first MoE layer on that device.
+    runs when the first LayerExperts on that device is built (at load, before any step), never
+    in the middle of a step. On the CPU there is nothing to sync: it only checks the result.
     """
     if _grouped_mm is None:
         return False

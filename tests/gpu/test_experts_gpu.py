@@ -81,7 +81,7 @@ def test_the_local_moe_block_never_waits_for_the_device(cuda, num_tokens):
     gate = torch.randn(8, HIDDEN, generator=torch.Generator().manual_seed(5)).to(cuda, torch.bfloat16)
     x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(6)).to(cuda, torch.bfloat16)
     dispatcher = LocalDispatcher({0: experts})
-    warm = moe_block(0, x, gate, 2, dispatcher)  # the probe and first-call set-up run here
+    warm = moe_block(0, x, gate, 2, dispatcher)  # first-call set-up (cuBLAS handles, workspaces) here
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
