@@ -19,8 +19,12 @@ from workers.step_output import StepOutput
 
 class ModelRunner:
     def __init__(self, model: MixtralModel, kv_cache: KVCache) -> None:
+        if kv_cache.k_BPGD[0].device != model.weights.embed_VH.device:
+            raise ValueError(f"the KV cache is on {kv_cache.k_BPGD[0].device}, "
+                             f"the weights on {model.weights.embed_VH.device}")
         self.model = model
         self.kv_cache = kv_cache
+        self.device = model.weights.embed_VH.device
 
     @property
     def block_size(self) -> int:
@@ -30,9 +34,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         seqs = batch.seqs
         extents = [SeqExtent(s.start_pos, len(s.token_ids), s.block_table) for s in seqs]
-        meta = AttentionMetadata.build(extents, self.block_size)
-        ids_T = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long,
-                             device=self.model.weights.embed_VH.device)
+        # Host-built, one copy each onto the device (non-blocking from pinned memory on a GPU).
+        meta = AttentionMetadata.build(extents, self.block_size, self.device)
+        ids_T = _to_device([t for s in seqs for t in s.token_ids], self.device)
         hidden_TH = self.model.forward(ids_T, meta, self.kv_cache)
         wanted = [i for i, s in enumerate(seqs) if s.needs_sample]
         if not wanted:
@@ -47,3 +51,10 @@ class ModelRunner:
             token_ids=tuple(out.token_ids),
             logprobs=tuple(out.logprobs),
         )
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=torch.long)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
