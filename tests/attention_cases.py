@@ -51,6 +51,44 @@ def decode_cases() -> list[DecodeCase]:
     return cases
 
 
+def random_cache(num_heads: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device | str, gen: torch.Generator) -> KVCache:
+    """A one-layer paged cache full of random keys and values."""
+    cfg = ModelConfig(
+        vocab_size=8, hidden_size=num_heads * head_dim, intermediate_size=8, num_hidden_layers=1,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, num_local_experts=2,
+        num_experts_per_tok=1, head_dim=head_dim,
+    )
+    cache = KVCache(cfg, num_blocks, block_size, dtype=dtype, device=device)
+    cache.k_BPGD[0].copy_(torch.randn(cache.k_BPGD[0].shape, generator=gen))
+    cache.v_BPGD[0].copy_(torch.randn(cache.v_BPGD[0].shape, generator=gen))
+    return cache
+
+
+def random_mixed_step(seed: int, num_heads: int, num_kv_heads: int, head_dim: int = 8, block_size: int = 4,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Six sequences, each a decode token or a prefill chunk (from the start or after a context).
+
+    Returns (q_TQD, kv_cache, meta) with the metadata built for `device`.
+    """
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = 120
+    blocks = list(range(num_blocks))
+    rng.shuffle(blocks)
+    extents, T = [], 0
+    for _ in range(6):
+        start = rng.choice([0, 0, rng.randint(1, 30)])
+        query = rng.choice([1, rng.randint(2, 12)])
+        need = -(-(start + query) // block_size)
+        extents.append(SeqExtent(start, query, tuple(blocks[:need])))
+        blocks = blocks[need:]
+        T += query
+    cache = random_cache(num_heads, num_kv_heads, head_dim, num_blocks, block_size, dtype, device, gen)
+    q_TQD = torch.randn(T, num_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    return q_TQD, cache, AttentionMetadata.build(extents, block_size, device=device)
+
+
 @dataclass
 class DecodeStep:
     """One step's query, cache and metadata, with the decode rows and the others told apart."""
@@ -66,11 +104,6 @@ def random_decode_step(case: DecodeCase, device: torch.device | str = "cpu") -> 
     """Decode tokens with contexts 1..70 mixed with prefill chunks, over shuffled block tables."""
     rng = random.Random(case.seed)
     gen = torch.Generator().manual_seed(case.seed)
-    cfg = ModelConfig(
-        vocab_size=8, hidden_size=case.num_heads * case.head_dim, intermediate_size=8, num_hidden_layers=1,
-        num_attention_heads=case.num_heads, num_key_value_heads=case.num_kv_heads, num_local_experts=2,
-        num_experts_per_tok=1, head_dim=case.head_dim,
-    )
     P = case.block_size
     contexts = [1, 2, P, P + 1, 31, 32, 33, 64, 65, 70] + [rng.randint(1, 70) for _ in range(4)]
     rng.shuffle(contexts)
@@ -94,9 +127,7 @@ def random_decode_step(case: DecodeCase, device: torch.device | str = "cpu") -> 
         decode_rows.append(row)
         row += 1
     dtype = DTYPES[case.dtype]
-    cache = KVCache(cfg, num_blocks, P, dtype=dtype, device=device)
-    cache.k_BPGD[0].copy_(torch.randn(cache.k_BPGD[0].shape, generator=gen))
-    cache.v_BPGD[0].copy_(torch.randn(cache.v_BPGD[0].shape, generator=gen))
+    cache = random_cache(case.num_heads, case.num_kv_heads, case.head_dim, num_blocks, P, dtype, device, gen)
     q_TQD = torch.randn(row, case.num_heads, case.head_dim, generator=gen).to(device=device, dtype=dtype)
     meta = AttentionMetadata.build(extents, P, device=device)
     return DecodeStep(q_TQD, cache, meta, decode_rows, other_rows)

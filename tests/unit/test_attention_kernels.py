@@ -7,42 +7,20 @@ kernels each device gets.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
+from tests.attention_cases import random_mixed_step
 from workers.attention import CUDA_SDPA, CUDA_TRITON, REFERENCE, kernels_for, select_kernels
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.config import ModelConfig
+from workers.attention_metadata import AttentionMetadata
 from workers.cuda_sdpa_attention import decode_without_cudnn, prefill_without_cudnn
-from workers.kv_cache import KVCache
 from workers.reference_attention import decode_reference, prefill_reference
 
 BLOCK = 4
 
 
-def random_step(seed: int, num_heads: int, num_kv_heads: int, head_dim: int = 8):
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    cfg = ModelConfig(vocab_size=8, hidden_size=num_heads * head_dim, intermediate_size=8,
-                      num_hidden_layers=1, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-                      num_local_experts=2, num_experts_per_tok=1, head_dim=head_dim)
-    blocks = list(range(120))
-    rng.shuffle(blocks)
-    extents, T = [], 0
-    for _ in range(6):
-        start = rng.choice([0, 0, rng.randint(1, 30)])
-        query = rng.choice([1, rng.randint(2, 12)])
-        need = -(-(start + query) // BLOCK)
-        extents.append(SeqExtent(start, query, tuple(blocks[:need])))
-        blocks = blocks[need:]
-        T += query
-    cache = KVCache(cfg, 120, BLOCK)
-    cache.k_BPGD[0].copy_(torch.randn(cache.k_BPGD[0].shape, generator=gen))
-    cache.v_BPGD[0].copy_(torch.randn(cache.v_BPGD[0].shape, generator=gen))
-    q_TQD = torch.randn(T, num_heads, head_dim, generator=gen)
-    return q_TQD, cache, AttentionMetadata.build(extents, BLOCK)
+def random_step(seed: int, num_heads: int, num_kv_heads: int):
+    return random_mixed_step(seed, num_heads, num_kv_heads, block_size=BLOCK)
 
 
 @pytest.mark.parametrize("seed", range(4))
