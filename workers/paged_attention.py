@@ -90,7 +90,9 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    # A row with no keys (context length 0: padding of a batch captured at a fixed size) has
+    # l_i == 0 and gets zeros, not NaN.
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
     tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
 
@@ -109,7 +111,9 @@ def paged_decode_attention(
 
     block_tables_SB (int32 [S, B]) maps a sequence's position p to cache block
     block_tables_SB[s, p // P]; context_lens_S (int32 [S]) counts its keys, the new token's
-    own included (it must already be written to the cache). Rows not in rows_S are untouched.
+    own included (it must already be written to the cache); a length of 0 writes zeros, so a
+    batch padded to a captured size can point its padding at a scratch row. Rows not in rows_S
+    are untouched.
     """
     S = rows_S.shape[0]
     if S == 0:

@@ -36,6 +36,21 @@ def run(case) -> dict:
     }
 
 
+def padded_rows_get_zeros() -> bool:
+    """A batch padded to a fixed size: padding rows have context length 0 and must come out zero."""
+    step = random_decode_step(decode_cases()[0])
+    decode = step.meta.decode_batch(None)
+    lens = decode.context_lens_S.clone()
+    lens[::2] = 0
+    out = torch.full_like(step.q_TQD, 7.0)
+    paged_decode_attention(step.q_TQD, out, decode.rows_S, step.kv_cache.k_BPGD[0], step.kv_cache.v_BPGD[0],
+                           decode.block_tables_SB, lens, None)
+    padded = decode.rows_S[::2]
+    return bool((out[padded] == 0).all()) and bool(out[decode.rows_S[1::2]].isfinite().all())
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    print(json.dumps({case.id: run(case) for case in decode_cases()}))
+    results = {case.id: run(case) for case in decode_cases()}
+    results["padded_rows_get_zeros"] = padded_rows_get_zeros()
+    print(json.dumps(results))

@@ -46,3 +46,7 @@ def test_kernel_equals_reference(interpreted, case):
     assert result["max_err"] <= TOLERANCE[case.dtype], result
     assert result["others_untouched"], "the kernel wrote rows that are not decode tokens"
 
+
+
+def test_padding_rows_get_zeros(interpreted):
+    assert interpreted["padded_rows_get_zeros"]
