@@ -37,7 +37,7 @@ from workers.dispatch_plan import DispatchPlan
 from workers.dispatcher import weighted_sum
 from workers.expert_map import ExpertMap
 from workers.experts import LayerExperts, grouped_experts
-from workers.router import Routing
+from workers.router import Routing, count_per_expert
 from workers.transport import Transfer, Transport
 
 
@@ -166,7 +166,7 @@ class AllToAllDispatcher:
         dest_A = table.dest_ER[expert_A, copy_A]
         order_N = torch.argsort(dest_A, stable=True)
         token_idx_N = token_A[order_N]
-        send_WC = torch.bincount(dest_A, minlength=world * c).view(world, c)
+        send_WC = count_per_expert(dest_A, world * c).view(world, c)  # by (rank, slot), no sync
 
         recv_WC = self.transport.exchange_counts(send_WC)
         moved = self.transport.last_transfer
