@@ -170,8 +170,11 @@ class AllToAllDispatcher:
 
         recv_WC = self.transport.exchange_counts(send_WC)
         moved = self.transport.last_transfer
-        send_counts = tuple(send_WC.sum(1).tolist())
-        recv_list = recv_WC.tolist()
+        # The split sizes must be on the host: one read of both count matrices, the step's only
+        # wait for the device in this layer's dispatch.
+        both = torch.cat([send_WC.to(recv_WC.device), recv_WC]).tolist()
+        send_counts = tuple(sum(row) for row in both[:world])
+        recv_list = both[world:]
         recv_counts = tuple(sum(row) for row in recv_list)
         x_MH = self.transport.all_to_all_with_counts(x_TH[token_idx_N], send_counts, recv_counts)
         moved = moved + self.transport.last_transfer
