@@ -140,6 +140,11 @@ class DrainWatch:
         await self._signal.report.remote(self._replica_id, self._count_in_flight())
 
 
+def is_draining(app_name: str) -> bool:
+    """Whether `app_name` is draining now (its signal exists); blocking: call it off the event loop."""
+    return _find(signal_name(app_name)) is not None
+
+
 def _find(name: str):
     try:
         return ray.get_actor(name, namespace=NAMESPACE)

@@ -99,8 +99,28 @@ def unauthorized() -> APIError:
                     headers={"WWW-Authenticate": "Bearer"})
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{clip(model)}` does not exist.", param="model", code="model_not_found")
+def model_not_found(model: str, served: Sequence[str] = ()) -> APIError:
+    """404 for a model name this server does not serve, naming the one(s) it does."""
+    names = ", ".join(f"`{clip(name)}`" for name in served)
+    hint = f" This server serves {names}." if names else ""
+    return APIError(404, f"The model `{clip(model)}` does not exist.{hint}", param="model",
+                    code="model_not_found")
+
+
+def is_json_content_type(value: str | None) -> bool:
+    """`application/json` (any parameters) or `application/*+json`. No header at all counts: FastAPI
+    reads such a body as JSON."""
+    if value is None:
+        return True
+    media = value.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def not_json_content_type(value: str) -> APIError:
+    # curl -d sends application/x-www-form-urlencoded unless told otherwise: say what to send.
+    return APIError(400, f"The body must be JSON, sent with the header 'Content-Type: application/json'; "
+                         f"this request was sent as Content-Type: {clip(value)}.",
+                    code="invalid_content_type")
 
 
 def payload_too_large(max_bytes: int) -> APIError:
@@ -138,8 +158,8 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
 
 def invalid_json() -> APIError:
     # The parser's own message would quote the body; the position is not worth an echo either.
-    return APIError(400, "We could not parse the JSON body of your request: send one UTF-8 JSON object.",
-                    code="invalid_json")
+    return APIError(400, "We could not parse the JSON body of your request: send one UTF-8 JSON object "
+                         "(with 'Content-Type: application/json').", code="invalid_json")
 
 
 def _strip_prefix(msg: str) -> str:
@@ -153,7 +173,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # A body FastAPI did not read as JSON (another Content-Type) fails validation as bytes:
+        # the header, not the fields, is what the client has to fix.
+        content_type = request.headers.get("content-type")
+        if not is_json_content_type(content_type):
+            return not_json_content_type(content_type).response()
         return validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)

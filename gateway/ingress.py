@@ -7,7 +7,8 @@ A request is authenticated (optional bearer key, checked before anything else: g
 parsed (strict types, 400 on anything wrong, 413 past the body limit, the request limits of
 gateway/request_limits.py), checked against the model (404 for another model name, 400 for
 token ids outside the vocabulary, text too long to fit, or prompt + max_tokens beyond the
-context), tokenized (chat template for chat), and split into one engine request per choice
+context), tokenized on a thread so a long prompt does not hold up the event loop (chat template for
+chat), and split into one engine request per choice
 (prompts × n); their output streams are merged and sent back as one JSON body or as SSE chunks
 ending in `data: [DONE]`. When the client goes away, Serve cancels this request; cancelling an
 engine stream cancels the replica-side generator, which aborts the sequence and frees its KV
@@ -44,6 +45,7 @@ from gateway.admission import EngineDraining, EngineOverloaded
 from gateway.auth import BearerAuthMiddleware
 from gateway.body_limit import BodyLimitMiddleware
 from gateway.deadline import REQUEST_TIMEOUT_HEADER, DeadlineExceeded, effective_timeout, parse_timeout
+from gateway.drain import is_draining
 from gateway.engine_deployment import ModelInfo
 from gateway.engine_stream import EngineFailed, engine_outputs
 from gateway.generation_request import GenerationRequest
@@ -164,7 +166,7 @@ class Ingress(GrpcMethods):
         timeout_s = self._http_timeout_s(http_request)
         if len(body.prompts()) * body.n > MAX_CHOICES:  # before tokenizing any of them
             raise errors.bad_request(f"prompts × n may not exceed {MAX_CHOICES}", param="n")
-        prompts = [self._encode_prompt(p) for p in body.prompts()]
+        prompts = [await self._encode_prompt(p) for p in body.prompts()]
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         params = self._sampling_params(body, max_tokens, body.logprobs is not None)
         for ids in prompts:
@@ -180,7 +182,7 @@ class Ingress(GrpcMethods):
         timeout_s = self._http_timeout_s(http_request)
         self.check_prompt_chars(body.num_content_chars(), "messages")
         try:
-            prompt_ids = tuple(self.tokenizer.encode_chat(body.message_dicts()))
+            prompt_ids = tuple(await asyncio.to_thread(self.tokenizer.encode_chat, body.message_dicts()))
         except ChatTemplateError as exc:
             raise errors.bad_request(errors.clip_value(str(exc)), param="messages") from None
         requested = body.requested_max_tokens
@@ -198,7 +200,7 @@ class Ingress(GrpcMethods):
 
     async def retrieve_model(self, model_id: str) -> ModelCard:
         if model_id != self.model_name:
-            raise errors.model_not_found(model_id)
+            raise errors.model_not_found(model_id, [self.model_name])
         return self._model_card()
 
     async def health(self) -> dict:
@@ -210,13 +212,22 @@ class Ingress(GrpcMethods):
         except Exception:  # timed out, no replica, a replica died: all mean "not ready now"
             ok = False
         if not ok:
-            return errors.service_unavailable("The engine or one of its workers is not ready.").response()
+            return errors.service_unavailable(await self._not_ready_reason()).response()
         return JSONResponse({"status": "ready"})
 
     # -- helpers --------------------------------------------------------------------------------
 
     async def _engine_ready(self) -> bool:
         return await self.engine.ready.remote()
+
+    async def _not_ready_reason(self) -> str:
+        try:
+            draining = await asyncio.to_thread(is_draining, serve.get_replica_context().app_name)
+        except Exception:  # Ray is going down with us: the generic reason will do
+            draining = False
+        if draining:  # a shutdown, not a fault: load balancers should move on, nobody needs paging
+            return "The server is draining: it is shutting down and takes no new requests."
+        return "The engine or one of its workers is not ready."
 
     def _model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
@@ -232,16 +243,18 @@ class Ingress(GrpcMethods):
 
     def _check_request(self, body: SamplingFields) -> None:
         if body.model != self.model_name:
-            raise errors.model_not_found(body.model)
+            raise errors.model_not_found(body.model, [self.model_name])
         unsupported = body.unsupported_field()
         if unsupported is not None:
             raise errors.bad_request(f"{unsupported} is not supported by this server with that value",
                                      param=unsupported, code="unsupported_value")
 
-    def _encode_prompt(self, prompt: str | list[int]) -> tuple[int, ...]:
+    async def _encode_prompt(self, prompt: str | list[int]) -> tuple[int, ...]:
         if isinstance(prompt, str):
             self.check_prompt_chars(len(prompt), "prompt")
-            return tuple(self.tokenizer.encode(prompt))
+            # On a thread: the longest text that passes takes a noticeable time to tokenize, and on
+            # the event loop it would hold up every other request of this replica.
+            return tuple(await asyncio.to_thread(self.tokenizer.encode, prompt))
         bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise errors.bad_request(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})",
