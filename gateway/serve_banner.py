@@ -53,10 +53,9 @@ def layout_line(options: ServeOptions) -> str:
                    "workers per model group")
     groups = "" if options.autoscaling is not None or options.num_engine_replicas == 1 \
         else f", {options.num_engine_replicas} model groups"
-    # `device` is set by --device where this version has it; the workers resolve "auto" themselves.
-    device = getattr(options, "device", None)
-    where = f", device {device}" if device is not None else ""
-    return f"  layout      {workers}{groups}{where}, dtype {options.dtype}"
+    # As configured: each worker resolves "auto" itself (its GPU if Ray gave it one, else the CPU).
+    gpus = f" ({options.num_gpus_per_worker:g} GPU per worker)" if options.num_gpus_per_worker else ""
+    return f"  layout      {workers}{groups}, device {options.device}{gpus}, dtype {options.dtype}"
 
 
 def metrics_lines(endpoints: Sequence[MetricsEndpoint], *, joined: bool,

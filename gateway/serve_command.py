@@ -47,7 +47,6 @@ def grpc_servicer_functions() -> list[str]:
 
 
 DEFAULT_METRICS_PORT = 8080  # what KubeRay and deploy/prometheus expect
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 def ray_init_kwargs(options: ServeOptions, address: str | None, metrics_port: int | None,
@@ -64,9 +63,6 @@ def ray_init_kwargs(options: ServeOptions, address: str | None, metrics_port: in
         kwargs["_system_config"] = {"enable_metrics_collection": False}
     else:
         kwargs["_metrics_export_port"] = port
-    if options.host in LOOPBACK_HOSTS:
-        # A loopback-only server keeps Ray's own node (and so its metrics export) on loopback too.
-        kwargs["_node_ip_address"] = "127.0.0.1"
     return kwargs
 
 
