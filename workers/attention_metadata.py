@@ -224,7 +224,8 @@ class _HostIndices:
         # Every sequence's table cut to the blocks its context uses, padded with block 0: one
         # [M, B] tensor, so slots of all tokens come from a few tensor ops, not a loop per token.
         tables_MB = _long_tensor(itertools.chain.from_iterable(
-            e.block_table[:n] + (0,) * (max_blocks - n) for e, n in zip(extents, needed, strict=True)
+            itertools.chain(e.block_table[:n], itertools.repeat(0, max_blocks - n))
+            for e, n in zip(extents, needed, strict=True)
         )).view(len(extents), max_blocks)
         query_lens_M = _long_tensor(e.query_len for e in extents)
         start_pos_M = _long_tensor(e.start_pos for e in extents)
