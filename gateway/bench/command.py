@@ -138,8 +138,8 @@ def run_bench(args: argparse.Namespace) -> int:
         from gateway.bench.plot import plot_run, plot_sweep
 
         try:
-            out = (plot_sweep(results, config.report.plot_file) if config.sweep_rates
-                   else plot_run(results[0], config.report.plot_file))
+            out = (plot_sweep(results, config.report.plot_file, config) if config.sweep_rates
+                   else plot_run(results[0], config.report.plot_file, config))
         except ImportError as exc:  # matplotlib comes with the `bench` extra
             print(f"moe-serve bench: no plot ({exc}); pip install 'moe-serve[bench]'", file=sys.stderr)
             return 1

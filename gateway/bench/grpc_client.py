@@ -24,9 +24,16 @@ class GrpcClient:
         self.metadata = (("authorization", f"Bearer {target.api_key}"),) if target.api_key else ()
         self.channel = grpc.aio.insecure_channel(target.grpc_address)
         self.stub = pb_grpc.MoeServeStub(self.channel)
+        self.model = target.model
 
     async def start(self) -> None:
         await self.channel.channel_ready()  # fail fast (the runner bounds it) when nothing listens
+        if self.model is None:  # for the report and plot only: requests leave `model` empty
+            try:
+                reply = await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=10)
+                self.model = reply.models[0].id if reply.models else None
+            except grpc.aio.AioRpcError:  # e.g. a wrong key: the requests will say so
+                pass
 
     async def close(self) -> None:
         await self.channel.close()

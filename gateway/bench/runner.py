@@ -53,6 +53,7 @@ class RunResult:
     records: tuple[RequestRecord, ...]
     warmup_records: tuple[RequestRecord, ...]
     summary: BenchSummary
+    model: str | None = None  # the model the requests named (learnt from the server if not given)
 
 
 async def send_all(client: Client, requests: Sequence[BenchRequest], offsets: Sequence[float],
@@ -109,7 +110,7 @@ async def run_one(client: Client, requests: Sequence[BenchRequest], load: LoadCo
     summary = summarize(records, duration, percentiles=report.percentiles, metrics=report.percentile_metrics,
                         goodput_slos_ms=report.goodput_slos_ms)
     return RunResult(load.request_rate, load.max_concurrency, duration, tuple(records), tuple(warmups),
-                     summary)
+                     summary, model=getattr(client, "model", None))
 
 
 async def run_benchmark(config: BenchConfig) -> list[RunResult]:
