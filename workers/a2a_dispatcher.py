@@ -27,16 +27,14 @@ H hidden, E experts per layer, W world size, C max local experts per rank.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from workers.capacity import expert_capacity, position_in_expert
+from workers.combine import weighted_sum
 from workers.dispatch_plan import DispatchPlan
-from workers.dispatcher import weighted_sum
 from workers.expert_map import ExpertMap
-from workers.experts import LayerExperts, grouped_experts
 from workers.router import Routing, count_per_expert
 from workers.transport import Transfer, Transport
 
@@ -121,27 +119,19 @@ def _layer_table(expert_map: ExpertMap, layer: int, device: torch.device) -> _La
 
 
 class AllToAllDispatcher:
-    """This rank's side of every layer's dispatch and combine; holds only this rank's experts."""
+    """This rank's side of every layer's dispatch and combine. It moves rows only: the experts
+    this rank holds are run by the MoE block (moe.py) on what dispatch delivers."""
 
     def __init__(self, rank: int, expert_map: ExpertMap, transport: Transport,
-                 experts_by_layer: Mapping[int, LayerExperts], capacity_factor: float | None = None) -> None:
+                 capacity_factor: float | None = None) -> None:
         if transport.rank != rank or transport.world_size != expert_map.world_size:
             raise ValueError(f"transport is rank {transport.rank} of {transport.world_size}; "
                              f"expected rank {rank} of {expert_map.world_size}")
-        extra = sorted(set(experts_by_layer) - set(range(expert_map.num_layers)))
-        if extra:
-            raise ValueError(f"experts given for layers {extra}, the expert map has {expert_map.num_layers}")
-        for layer in range(expert_map.num_layers):
-            want = expert_map.local_experts(layer, rank)
-            got = experts_by_layer[layer].expert_ids if layer in experts_by_layer else ()
-            if got != want:
-                raise ValueError(f"layer {layer}: rank {rank} should hold experts {want}, was given {got}")
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
         self.rank = rank
         self.expert_map = expert_map
         self.transport = transport
-        self.experts_by_layer = dict(experts_by_layer)
         self.capacity_factor = capacity_factor
         self.stats = DispatchStats()
         self._tables = [_layer_table(expert_map, layer, transport.device)
@@ -200,15 +190,6 @@ class AllToAllDispatcher:
         self.stats.record_dispatch(layer, local_ids, recv_expert_counts, num_dropped, moved,
                                    time.perf_counter() - start)
         return x_MH, plan
-
-    def experts(self, layer: int, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        local = self.experts_by_layer.get(layer)
-        if local is None:
-            if x_MH.shape[0]:
-                raise RuntimeError(f"layer {layer}: rank {self.rank} holds no experts "
-                                   f"but received {x_MH.shape[0]} rows")
-            return torch.empty_like(x_MH)
-        return grouped_experts(x_MH, plan.expert_counts_E, local)
 
     def combine(self, layer: int, y_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         start = time.perf_counter()

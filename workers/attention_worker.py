@@ -45,9 +45,10 @@ class AttentionWorker(GroupMember):
         return self.memory
 
     def on_joined(self) -> None:
-        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, {},
+        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport,
                                              self.spec.capacity_factor)
-        self.runner = ModelRunner(MixtralModel(self.config, self.weights, self.dispatcher), self.kv_cache)
+        model = MixtralModel(self.config, self.weights, self.dispatcher, experts={})  # its experts are remote
+        self.runner = ModelRunner(model, self.kv_cache)
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ Plain Python (no torch): it is pickled to every actor and built by the control p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -61,6 +62,16 @@ class ExpertMap:
     @property
     def attention_ranks(self) -> tuple[int, ...]:
         return tuple(r for r in range(self.world_size) if r not in self.expert_ranks)
+
+    def check_holds(self, rank: int, expert_ids_by_layer: Mapping[int, tuple[int, ...]]) -> None:
+        """Raise unless `rank` was given exactly the experts this map puts on it, layer by layer."""
+        extra = sorted(set(expert_ids_by_layer) - set(range(self.num_layers)))
+        if extra:
+            raise ValueError(f"experts given for layers {extra}, the expert map has {self.num_layers}")
+        for layer in range(self.num_layers):
+            want, got = self.local_experts(layer, rank), tuple(expert_ids_by_layer.get(layer, ()))
+            if got != want:
+                raise ValueError(f"layer {layer}: rank {rank} should hold experts {want}, was given {got}")
 
     def local_experts(self, layer: int, rank: int) -> tuple[int, ...]:
         return self.local_expert_ids[layer][rank]

@@ -14,6 +14,7 @@ from workers.a2a_dispatcher import AllToAllDispatcher
 from workers.group_member import GroupMember
 from workers.group_spec import GroupSpec
 from workers.model_weights import experts_by_layer
+from workers.moe import experts_stage
 from workers.router import empty_routing
 
 
@@ -30,15 +31,20 @@ class ExpertWorker(GroupMember):
         self.check_weights_fit(self.checkpoint.expert_weight_bytes(pairs, self.dtype))
         self.experts = experts_by_layer(
             self.checkpoint.load_expert_weights(pairs, self.dtype, progress=False, device=self.device))
+        emap.check_holds(rank, {layer: ex.expert_ids for layer, ex in self.experts.items()})
         self.dispatcher: AllToAllDispatcher | None = None
 
     def on_joined(self) -> None:
-        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport, self.experts,
+        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport,
                                              self.spec.capacity_factor)
 
     @torch.inference_mode()
     def execute(self) -> int:
-        """Serve one model step: every MoE layer, in order. Returns rows processed."""
+        """Serve one model step: every MoE layer, in order. Returns rows processed.
+
+        The MoE block of moe.py without its route stage: this rank has no tokens of its own, so it
+        dispatches an empty routing (receiving what the attention ranks send), runs its experts
+        on those rows, and combines (sends them back)."""
         cfg, d = self.config, self.dispatcher
         x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
         routing = empty_routing(cfg.num_experts_per_tok, self.device)
@@ -46,7 +52,7 @@ class ExpertWorker(GroupMember):
         for layer in range(cfg.num_hidden_layers):
             x_MH, plan = d.dispatch(layer, x_TH, routing)
             t0 = time.perf_counter()
-            y_MH = d.experts(layer, x_MH, plan)
+            y_MH = experts_stage(x_MH, plan, self.experts.get(layer))
             self.busy_seconds += time.perf_counter() - t0
             d.combine(layer, y_MH, plan)
             rows += x_MH.shape[0]

@@ -4,13 +4,16 @@
     for each layer:  x += attention(norm(x));  x += moe(norm(x))
     logits = lm_head(norm(x))
 
-The MoE block goes through whatever Dispatcher it is given (local or all-to-all);
+The MoE block goes through whatever Dispatcher it is given (local or all-to-all), over the
+experts this process holds;
 attention reads and writes the paged KV cache it is given. Nothing here knows about Ray.
 
 Shapes: T tokens in the step, H hidden, S sequences sampled this step, V vocab.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,7 @@ from workers.attention import attention
 from workers.attention_metadata import AttentionMetadata
 from workers.config import ModelConfig
 from workers.dispatcher import Dispatcher
+from workers.experts import LayerExperts
 from workers.kv_cache import KVCache
 from workers.model_weights import AttentionSideWeights
 from workers.moe import moe_block
@@ -27,10 +31,14 @@ from workers.rope import RotaryEmbedding
 
 
 class MixtralModel:
-    def __init__(self, cfg: ModelConfig, weights: AttentionSideWeights, dispatcher: Dispatcher) -> None:
+    def __init__(self, cfg: ModelConfig, weights: AttentionSideWeights, dispatcher: Dispatcher,
+                 experts: Mapping[int, LayerExperts]) -> None:
+        """`experts`: the layers' experts held in this process (all of them single-process; none
+        on an attention worker of a model group, whose dispatcher sends every row away)."""
         self.cfg = cfg
         self.weights = weights
         self.dispatcher = dispatcher
+        self.experts = dict(experts)
         self.rope = RotaryEmbedding(cfg.head_dim_, cfg.rope_theta, device=weights.embed_VH.device)
 
     @property
@@ -50,7 +58,8 @@ class MixtralModel:
                 cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim_, cfg.sliding_window,
             )
             h_TH = rms_norm(x_TH, lw.post_attention_norm_H, cfg.rms_norm_eps)
-            x_TH = x_TH + moe_block(i, h_TH, lw.gate_EH, cfg.num_experts_per_tok, self.dispatcher)
+            x_TH = x_TH + moe_block(i, h_TH, lw.gate_EH, cfg.num_experts_per_tok, self.dispatcher,
+                                     self.experts.get(i))
         return rms_norm(x_TH, w.norm_H, cfg.rms_norm_eps)
 
     @torch.inference_mode()

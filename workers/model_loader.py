@@ -23,7 +23,8 @@ def load_local_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, 
     attention_side = AttentionSideWeights.from_state(
         cfg, ckpt.load_attention_weights(dtype, progress=progress, device=device))
     experts = ckpt.load_expert_weights(all_expert_pairs(cfg), dtype, progress=progress, device=device)
-    return MixtralModel(cfg, attention_side, LocalDispatcher(experts_by_layer(experts)))
+    return MixtralModel(cfg, attention_side, LocalDispatcher(cfg.num_local_experts),
+                        experts_by_layer(experts))
 
 
 def local_weight_bytes(checkpoint: Checkpoint, dtype: torch.dtype) -> int:

@@ -51,13 +51,13 @@ def build(hidden: int, inter: int, num_experts: int, top_k: int):
             self.w1, self.w3, self.w2 = gate_up[:inter], gate_up[inter:], down
 
     experts = LayerExperts.stack({e: _FromHF(e) for e in range(num_experts)})
-    dispatcher = LocalDispatcher({0: experts})
+    dispatcher = LocalDispatcher(len(experts.expert_ids))
     gate = hf.gate.weight.detach()
     dense_w13 = torch.randn(2 * top_k * inter, hidden) * 0.02
     dense_w2 = torch.randn(hidden, top_k * inter) * 0.02
 
     def ours(x):
-        return moe_block(0, x, gate, top_k, dispatcher)
+        return moe_block(0, x, gate, top_k, dispatcher, experts)
 
     def dense(x):
         return swiglu(x, dense_w13, dense_w2)
@@ -143,7 +143,7 @@ def moe_layer_gpu_report(device: torch.device, tokens: tuple[int, ...] = GPU_TOK
         (torch.randn(num_experts, hidden, inter, generator=g, device=device) * 0.02).to(dtype),
     )
     gate = (torch.randn(num_experts, hidden, generator=g, device=device) * 0.02).to(dtype)
-    dispatcher = LocalDispatcher({0: experts})
+    dispatcher = LocalDispatcher(len(experts.expert_ids))
     weight_bytes = 3 * hidden * inter * torch.empty(0, dtype=dtype).element_size()  # one expert
     rows = []
     with torch.inference_mode():
@@ -155,7 +155,7 @@ def moe_layer_gpu_report(device: torch.device, tokens: tuple[int, ...] = GPU_TOK
             repeats = max(10, min(100, 20_000 // max(n, 1)))
             loop = partial(run_experts, "loop", x_M, counts_E, experts)
             grouped = partial(run_experts, "grouped_mm", x_M, counts_E, experts)
-            layer = partial(moe_block, 0, x, gate, top_k, dispatcher)
+            layer = partial(moe_block, 0, x, gate, top_k, dispatcher, experts)
             loop_ms, grouped_ms, layer_ms = (device_ms(f, device, repeats) for f in (loop, grouped, layer))
             bound_ms = 1e3 * max(experts_hit * weight_bytes / bandwidth,
                                  2 * n * top_k * 3 * hidden * inter / flops)

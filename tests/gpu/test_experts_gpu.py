@@ -80,12 +80,12 @@ def test_the_local_moe_block_never_waits_for_the_device(cuda, num_tokens):
     experts = random_experts(8, HIDDEN, INTER, dtype=torch.bfloat16, device=cuda, scale=0.05)
     gate = torch.randn(8, HIDDEN, generator=torch.Generator().manual_seed(5)).to(cuda, torch.bfloat16)
     x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(6)).to(cuda, torch.bfloat16)
-    dispatcher = LocalDispatcher({0: experts})
-    warm = moe_block(0, x, gate, 2, dispatcher)  # first-call set-up (cuBLAS handles, workspaces) here
+    dispatcher = LocalDispatcher(len(experts.expert_ids))
+    warm = moe_block(0, x, gate, 2, dispatcher, experts)  # first-call set-up (cuBLAS handles, workspaces)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = moe_block(0, x, gate, 2, dispatcher)
+        got = moe_block(0, x, gate, 2, dispatcher, experts)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got, warm, rtol=0, atol=0)

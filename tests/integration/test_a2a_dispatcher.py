@@ -30,7 +30,7 @@ from workers.a2a_dispatcher import AllToAllDispatcher
 from workers.capacity import keep_within_capacity
 from workers.dispatcher import LocalDispatcher
 from workers.experts import LayerExperts, reference_experts
-from workers.moe import moe_block
+from workers.moe import experts_stage, moe_block
 from workers.router import Routing, empty_routing, route
 from workers.transport import LocalTransport, init_process_group, pick_free_port
 
@@ -100,30 +100,32 @@ def run_rank(rank: int, sc: Scenario, transport) -> None:
     all_experts, gates = model_for(sc)
     mine = {layer: stack(all_experts[layer], expert_map.local_experts(layer, rank), sc.dtype)
             for layer in range(sc.num_layers) if expert_map.local_experts(layer, rank)}
-    dispatcher = AllToAllDispatcher(rank, expert_map, transport, mine, capacity_factor=sc.capacity_factor)
+    expert_map.check_holds(rank, {layer: ex.expert_ids for layer, ex in mine.items()})
+    dispatcher = AllToAllDispatcher(rank, expert_map, transport, capacity_factor=sc.capacity_factor)
 
     is_attention = rank < sc.num_attention
     x = tokens_for(sc, rank) if is_attention else torch.empty(0, HIDDEN, dtype=sc.dtype)
     h = x
-    local = LocalDispatcher({layer: stack(all_experts[layer], tuple(range(sc.num_experts)), sc.dtype)
-                             for layer in range(sc.num_layers)})
+    local = LocalDispatcher(sc.num_experts)
+    every = {layer: stack(all_experts[layer], tuple(range(sc.num_experts)), sc.dtype)
+             for layer in range(sc.num_layers)}
     routed = torch.zeros(sc.num_layers, sc.num_experts, dtype=torch.long)  # assignments this rank sent
     num_dropped = 0
     for layer in range(sc.num_layers):
         gate = gates[layer].to(sc.dtype)
         routing = route(h, gate, sc.top_k) if is_attention else empty_routing(sc.top_k)
         x_M, plan = dispatcher.dispatch(layer, h, routing)
-        y_M = dispatcher.experts(layer, x_M, plan)
+        y_M = experts_stage(x_M, plan, mine.get(layer))
         out = dispatcher.combine(layer, y_M, plan)
         assert out.shape == h.shape and out.dtype == sc.dtype
 
         if sc.capacity_factor is None:
             kept = torch.ones_like(routing.topk_ids_TK, dtype=torch.bool)
-            expected = moe_block(layer, h, gate, sc.top_k, local)
+            expected = moe_block(layer, h, gate, sc.top_k, local, every[layer])
         else:  # the oracle for drops: the per-expert loop with dropped weights zeroed
             kept = keep_within_capacity(routing.topk_ids_TK, sc.num_experts, sc.capacity_factor)
             expected = reference_experts(h, routing.topk_ids_TK, routing.topk_weights_TK * kept,
-                                         local.experts_by_layer[layer])
+                                         every[layer])
         assert plan.num_dropped == int((~kept).sum())
         num_dropped += plan.num_dropped
         routed[layer] += torch.bincount(routing.topk_ids_TK[kept], minlength=sc.num_experts)
@@ -223,10 +225,10 @@ def test_world_size_one_is_the_local_dispatcher():
     all_experts, gates = model_for(sc)
     experts = {0: stack(all_experts[0], tuple(range(8)), torch.float32)}
     expert_map = place_experts(1, 8, 1).to_expert_map(first_expert_rank=0)
-    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport(), experts)
+    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport())
     x = tokens_for(sc, 0)
-    got = moe_block(0, x, gates[0], 2, dispatcher)
-    want = moe_block(0, x, gates[0], 2, LocalDispatcher(experts))
+    got = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+    want = moe_block(0, x, gates[0], 2, LocalDispatcher(8), experts[0])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     snap = dispatcher.stats.snapshot_and_reset()
     assert sum(snap.tokens_per_expert.values()) == 21 * 2
@@ -239,17 +241,17 @@ def test_experts_given_must_match_the_map():
     g = torch.Generator().manual_seed(0)
     wrong = LayerExperts.stack({e: _Expert(g) for e in (0, 1)})
     with pytest.raises(ValueError, match="should hold experts"):
-        AllToAllDispatcher(0, expert_map, LocalTransport(), {0: wrong})
+        expert_map.check_holds(0, {0: wrong.expert_ids})
     with pytest.raises(ValueError, match="rank"):
-        AllToAllDispatcher(1, expert_map, LocalTransport(), {})
+        AllToAllDispatcher(1, expert_map, LocalTransport())
 
 
 def test_routing_of_zero_tokens_on_the_loopback():
     expert_map = place_experts(1, 4, 1).to_expert_map(first_expert_rank=0)
     g = torch.Generator().manual_seed(0)
     experts = {0: LayerExperts.stack({e: _Expert(g) for e in range(4)})}
-    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport(), experts)
+    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport())
     x = torch.empty(0, HIDDEN)
     x_M, plan = dispatcher.dispatch(0, x, Routing(torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2)))
-    out = dispatcher.combine(0, dispatcher.experts(0, x_M, plan), plan)
+    out = dispatcher.combine(0, experts_stage(x_M, plan, experts[0]), plan)
     assert out.shape == (0, HIDDEN) and plan.recv_expert_counts == (0, 0, 0, 0)

@@ -10,7 +10,7 @@ from workers.a2a_dispatcher import AllToAllDispatcher
 from workers.capacity import expert_capacity, keep_within_capacity, position_in_expert
 from workers.dispatcher import LocalDispatcher
 from workers.experts import LayerExperts, reference_experts
-from workers.moe import moe_block
+from workers.moe import experts_stage, moe_block
 from workers.router import route
 from workers.transport import LocalTransport
 
@@ -34,15 +34,15 @@ def layer():
     return experts, gate, x
 
 
-def dispatcher_with(experts: LayerExperts, capacity_factor: float | None) -> AllToAllDispatcher:
+def dispatcher_with(capacity_factor: float | None) -> AllToAllDispatcher:
     expert_map = place_experts(1, NUM_EXPERTS, 1).to_expert_map(first_expert_rank=0)
-    return AllToAllDispatcher(0, expert_map, LocalTransport(), {0: experts}, capacity_factor=capacity_factor)
+    return AllToAllDispatcher(0, expert_map, LocalTransport(), capacity_factor=capacity_factor)
 
 
-def run(dispatcher, x, gate, top_k=2):
+def run(dispatcher, experts, x, gate, top_k=2):
     routing = route(x, gate, top_k)
     x_M, plan = dispatcher.dispatch(0, x, routing)
-    return dispatcher.combine(0, dispatcher.experts(0, x_M, plan), plan), plan, routing
+    return dispatcher.combine(0, experts_stage(x_M, plan, experts), plan), plan, routing
 
 
 def test_capacity_formula():
@@ -68,16 +68,16 @@ def test_later_tokens_are_dropped_first():
 
 def test_dropless_by_default_is_exact(layer):
     experts, gate, x = layer
-    got, plan, _ = run(dispatcher_with(experts, None), x, gate)
+    got, plan, _ = run(dispatcher_with(None), experts, x, gate)
     assert plan.num_dropped == 0
-    want = moe_block(0, x, gate, 2, LocalDispatcher({0: experts}))
+    want = moe_block(0, x, gate, 2, LocalDispatcher(len(experts.expert_ids)), experts)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_drops_are_counted_and_add_zero(layer):
     experts, gate, x = layer
-    dispatcher = dispatcher_with(experts, 0.5)
-    got, plan, routing = run(dispatcher, x, gate)
+    dispatcher = dispatcher_with(0.5)
+    got, plan, routing = run(dispatcher, experts, x, gate)
     keep = keep_within_capacity(routing.topk_ids_TK, NUM_EXPERTS, 0.5)
     assert plan.num_dropped == int((~keep).sum()) > 0
     assert plan.num_sent == int(keep.sum())  # dropped assignments are not sent at all
@@ -91,9 +91,9 @@ def test_drops_are_counted_and_add_zero(layer):
 
 def test_large_capacity_is_dropless(layer):
     experts, gate, x = layer
-    exact, _, _ = run(dispatcher_with(experts, None), x, gate)
+    exact, _, _ = run(dispatcher_with(None), experts, x, gate)
     # A factor of E/K lets every token through even if all of them pick the same expert.
-    got, plan, _ = run(dispatcher_with(experts, NUM_EXPERTS / 2), x, gate)
+    got, plan, _ = run(dispatcher_with(NUM_EXPERTS / 2), experts, x, gate)
     assert plan.num_dropped == 0
     torch.testing.assert_close(got, exact, rtol=0, atol=0)
 
@@ -104,13 +104,12 @@ def test_a_token_dropped_everywhere_passes_through_as_zero(layer):
     gate[4, 0], gate[5, 0] = 50.0, 40.0  # every token with x[:, 0] > 0 picks experts 4 and 5
     xs = x.clone()
     xs[:, 0] = xs[:, 0].abs() + 1.0
-    got, plan, _ = run(dispatcher_with(experts, 0.3), xs, gate)
+    got, plan, _ = run(dispatcher_with(0.3), experts, xs, gate)
     cap = expert_capacity(40, 2, NUM_EXPERTS, 0.3)
     assert plan.num_dropped == 2 * (40 - cap)
     assert (got[cap:] == 0).all() and (got[:cap] != 0).any()
 
 
-def test_bad_capacity_factor_is_refused(layer):
-    experts, _, _ = layer
+def test_bad_capacity_factor_is_refused():
     with pytest.raises(ValueError, match="capacity_factor"):
-        dispatcher_with(experts, 0.0)
+        dispatcher_with(0.0)

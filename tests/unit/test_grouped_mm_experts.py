@@ -15,7 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.experts_helpers import per_row_reference, random_experts, sorted_rows
-from workers.dispatch_plan import DispatchPlan
 from workers.dispatcher import LocalDispatcher
 from workers.experts import (
     LayerExperts,
@@ -40,11 +39,12 @@ COUNTS = {
 }
 
 
-class GroupedMMDispatcher(LocalDispatcher):
-    """The local dispatcher with its experts stage forced onto grouped_mm, whatever the device."""
-
-    def experts(self, layer: int, x_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return run_experts("grouped_mm", x_MH, plan.expert_counts_E, self.experts_by_layer[layer])
+def grouped_mm_moe_block(x_TH: torch.Tensor, gate_EH: torch.Tensor, top_k: int,
+                         experts: LayerExperts) -> torch.Tensor:
+    """moe.moe_block with its experts stage forced onto grouped_mm, whatever the device."""
+    dispatcher = LocalDispatcher(len(experts.expert_ids))
+    x_MH, plan = dispatcher.dispatch(0, x_TH, route(x_TH, gate_EH, top_k))
+    return dispatcher.combine(0, run_experts("grouped_mm", x_MH, plan.expert_counts_E, experts), plan)
 
 
 @pytest.mark.parametrize("counts", COUNTS.values(), ids=COUNTS.keys())
@@ -88,8 +88,8 @@ def test_moe_block_through_grouped_mm_equals_the_default_and_the_reference(num_t
     experts = random_experts(6, HIDDEN, INTER, seed=num_tokens)
     gate = torch.randn(6, HIDDEN, generator=torch.Generator().manual_seed(3))
     x = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(4))
-    grouped = moe_block(0, x, gate, 2, GroupedMMDispatcher({0: experts}))
-    default = moe_block(0, x, gate, 2, LocalDispatcher({0: experts}))
+    grouped = grouped_mm_moe_block(x, gate, 2, experts)
+    default = moe_block(0, x, gate, 2, LocalDispatcher(6), experts)
     routing = route(x, gate, 2)
     ref = reference_experts(x, routing.topk_ids_TK, routing.topk_weights_TK, experts)
     assert grouped.shape == (num_tokens, HIDDEN)
@@ -146,11 +146,10 @@ def test_bad_arguments_are_refused():
 
 
 def test_local_dispatch_keeps_the_counts_on_the_rows_device():
-    experts = random_experts(5, HIDDEN, INTER)
     gate = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(0))
     x = torch.randn(11, HIDDEN, generator=torch.Generator().manual_seed(1))
     routing = route(x, gate, 2)
-    x_M, plan = LocalDispatcher({0: experts}).dispatch(0, x, routing)
+    x_M, plan = LocalDispatcher(5).dispatch(0, x, routing)
     assert plan.expert_counts_E.dtype == torch.int64 and plan.expert_counts_E.device == x.device
     want = torch.bincount(routing.topk_ids_TK.reshape(-1), minlength=5)
     assert plan.recv_expert_counts == tuple(want.tolist())

@@ -113,7 +113,7 @@ def test_grouped_packed_experts_match_plain_reference(num_tokens):
     assert all(lin.is_packed for lin in experts.w13 + experts.w2)
     gate = torch.randn(num_experts, hidden, generator=g)
     x = torch.randn(num_tokens, hidden, generator=g)
-    got = moe_block(0, x, gate, 2, LocalDispatcher({0: experts}))
+    got = moe_block(0, x, gate, 2, LocalDispatcher(len(experts.expert_ids)), experts)
     routing = route(x, gate, 2)
     ref = reference_experts(x, routing.topk_ids_TK, routing.topk_weights_TK, experts)
     assert_relative_close(got, ref, 1e-5)

@@ -33,8 +33,7 @@ def test_grouped_equals_per_expert_reference(num_tokens, num_experts, data):
     hidden, inter = data.draw(st.sampled_from([(8, 12), (17, 5), (32, 64)]))
     experts, gate = make_layer(num_experts, hidden, inter, seed=num_tokens)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(7))
-    dispatcher = LocalDispatcher({0: experts})
-    got = moe_block(0, x, gate, top_k, dispatcher)
+    got = moe_block(0, x, gate, top_k, LocalDispatcher(num_experts), experts)
     routing = route(x, gate, top_k)
     ref = reference_experts(x, routing.topk_ids_TK, routing.topk_weights_TK, experts)
     assert got.shape == (num_tokens, hidden)
@@ -44,7 +43,7 @@ def test_grouped_equals_per_expert_reference(num_tokens, num_experts, data):
 def test_one_expert_top1_is_a_dense_swiglu():
     experts, gate = make_layer(1, 24, 40)
     x = torch.randn(33, 24)
-    got = moe_block(0, x, gate, 1, LocalDispatcher({0: experts}))
+    got = moe_block(0, x, gate, 1, LocalDispatcher(len(experts.expert_ids)), experts)
     dense = swiglu(x, experts.w13_EFH[0], experts.w2_EHF[0])
     torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6)
 
@@ -56,7 +55,7 @@ def test_only_routed_experts_run():
     gate = torch.zeros_like(gate)
     gate[0], gate[1] = 5.0, 4.0  # every positive token picks experts 0 and 1
     x = torch.rand(10, 16) + 0.1
-    out = moe_block(0, x, gate, 2, LocalDispatcher({0: experts}))
+    out = moe_block(0, x, gate, 2, LocalDispatcher(len(experts.expert_ids)), experts)
     assert torch.isfinite(out).all()
 
 
@@ -99,5 +98,6 @@ def test_matches_transformers_sparse_moe_block():
     with torch.no_grad():
         ref = hf(x)
         ref = ref[0] if isinstance(ref, tuple) else ref
-    got = moe_block(0, x.reshape(-1, 32), hf.gate.weight.detach(), 2, LocalDispatcher({0: experts}))
+    got = moe_block(0, x.reshape(-1, 32), hf.gate.weight.detach(), 2, LocalDispatcher(len(experts.expert_ids)),
+                    experts)
     torch.testing.assert_close(got, ref.reshape(-1, 32), rtol=1e-5, atol=1e-5)
