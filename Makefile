@@ -3,7 +3,13 @@
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PY := $(VENV)/bin/python
-DEMO_DIR ?= .demo-model
+# The demo checkpoint's directory. Empty: moe-serve's own default ($MOE_SERVE_DEMO_DIR, else
+# ~/.cache/moe-serve/demo-model), which is where `moe-serve serve` looks; set, `make demo-model`
+# and `make serve` both use it (through MOE_SERVE_DEMO_DIR), so they always agree.
+DEMO_DIR ?=
+DEMO_ENV = $(if $(DEMO_DIR),MOE_SERVE_DEMO_DIR=$(abspath $(DEMO_DIR)))
+# Options for `moe-serve serve`: make serve ARGS="--expert-workers 4 --port 8001"
+ARGS ?=
 
 .PHONY: install serve test test-slow test-gpu bench lint demo-model clean prometheus
 
@@ -20,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: $(VENV)/.installed
-	$(VENV)/bin/moe-serve serve
+	$(DEMO_ENV) $(VENV)/bin/moe-serve serve $(ARGS)
 
 # Debian's Prometheus server and promtool, for tests/deploy/test_prometheus_server.py. Installed
 # only where we are root and it is missing; elsewhere that test skips and says why.
@@ -55,7 +61,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 demo-model: $(VENV)/.installed
-	$(VENV)/bin/moe-serve demo-model $(DEMO_DIR)
+	$(DEMO_ENV) $(VENV)/bin/moe-serve demo-model
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis $(DEMO_DIR)
