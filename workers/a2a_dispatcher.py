@@ -20,6 +20,11 @@ slot-major so each local expert's rows are contiguous for `grouped_experts`.
 combine undoes the regrouping, sends every row back with the counts swapped (no counts
 exchange: dispatch already knows them) and sums each token's rows with its routing weights.
 
+That is the exact path, for prefill and large steps. A step may instead be low-latency
+(`begin_step(tokens)`, chosen by the engine for small decode steps): the same assignments,
+then fixed-capacity buffers with the counts in-band, one all-to-all each way and no host
+read (low_latency_dispatch.py).
+
 Shapes: T tokens on this rank, K top-k, A = T·K assignments, N rows sent, M rows received,
 H hidden, E experts per layer, W world size, C max local experts per rank.
 """
@@ -35,6 +40,7 @@ from workers.capacity import expert_capacity, position_in_expert
 from workers.combine import weighted_sum
 from workers.dispatch_plan import DispatchPlan
 from workers.expert_map import ExpertMap
+from workers.low_latency_dispatch import LowLatencyAllToAll, LowLatencyPlan
 from workers.router import Routing, count_per_expert
 from workers.transport import Transfer, Transport
 
@@ -70,11 +76,26 @@ class DispatchStats:
         self._dispatch += transfer
         self._dispatch_seconds += seconds
 
+    def record_dispatch_on_device(self, layer: int, local_expert_ids: tuple[int, ...],
+                                  expert_counts_E: torch.Tensor, transfer: Transfer, seconds: float) -> None:
+        """As record_dispatch, with the counts left on the device: they are summed there and read
+        once per snapshot, so a low-latency step never waits for them."""
+        if local_expert_ids:
+            key = (layer, local_expert_ids)
+            held = self._device_tokens.get(key)
+            self._device_tokens[key] = expert_counts_E.clone() if held is None else held + expert_counts_E
+        self._num_dispatches += 1
+        self._dispatch += transfer
+        self._dispatch_seconds += seconds
+
     def record_combine(self, transfer: Transfer, seconds: float) -> None:
         self._combine += transfer
         self._combine_seconds += seconds
 
     def snapshot_and_reset(self) -> DispatchStatsSnapshot:
+        for (layer, expert_ids), counts_E in self._device_tokens.items():
+            for e, n in zip(expert_ids, counts_E.tolist(), strict=True):
+                self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
         snap = DispatchStatsSnapshot(
             tokens_per_expert=dict(self._tokens), num_dispatches=self._num_dispatches,
             num_dropped=self._num_dropped,
@@ -89,6 +110,7 @@ class DispatchStats:
 
     def _reset(self) -> None:
         self._tokens: dict[tuple[int, int], int] = {}
+        self._device_tokens: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self._num_dispatches = 0
         self._num_dropped = 0
         self._dispatch = Transfer()
@@ -136,11 +158,36 @@ class AllToAllDispatcher:
         self.stats = DispatchStats()
         self._tables = [_layer_table(expert_map, layer, transport.device)
                         for layer in range(expert_map.num_layers)]
+        self._low_latency = LowLatencyAllToAll(rank, expert_map, transport)
+        self._low_latency_tokens: int | None = None  # per step: begin_step
 
-    def dispatch(self, layer: int, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
-        start = time.perf_counter()
-        table, world = self._tables[layer], self.expert_map.world_size
-        num_experts, c = self.expert_map.num_experts, table.max_local_experts
+    def begin_step(self, low_latency_tokens: int | None) -> None:
+        """How this step's layers dispatch: exact (None), or low-latency with buffers sized for
+        `low_latency_tokens` tokens per source rank (the same number on every rank)."""
+        if low_latency_tokens is not None:
+            if self.capacity_factor is not None:
+                raise ValueError("low-latency dispatch is dropless: it does not apply a capacity factor")
+            if low_latency_tokens < 1:
+                raise ValueError(f"low_latency_tokens must be >= 1, got {low_latency_tokens}")
+        self._low_latency_tokens = low_latency_tokens
+
+    def dispatch(self, layer: int, x_TH: torch.Tensor,
+                 routing: Routing) -> tuple[torch.Tensor, DispatchPlan | LowLatencyPlan]:
+        if self._low_latency_tokens is not None:
+            start = time.perf_counter()
+            dest_A, token_A, weight_A, _ = self._assign(layer, routing)
+            x_MH, plan, moved = self._low_latency.dispatch(layer, x_TH, dest_A, token_A, weight_A,
+                                                           self._low_latency_tokens, routing.top_k)
+            self.stats.record_dispatch_on_device(layer, self.expert_map.local_experts(layer, self.rank),
+                                                 plan.expert_counts_E, moved, time.perf_counter() - start)
+            return x_MH, plan
+        return self._dispatch_exact(layer, x_TH, routing)
+
+    def _assign(self, layer: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Steps 1–2: each assignment's destination rank·C + slot, its token, its weight; and the
+        number dropped for capacity."""
+        table = self._tables[layer]
+        num_experts = self.expert_map.num_experts
         num_tokens, top_k = routing.num_tokens, routing.top_k
         expert_A = routing.topk_ids_TK.reshape(-1)
         weight_A = routing.topk_weights_TK.reshape(-1)
@@ -153,7 +200,15 @@ class AllToAllDispatcher:
             expert_A, weight_A = expert_A[keep_A], weight_A[keep_A]
             token_A, pos_A = token_A[keep_A], pos_A[keep_A]
         copy_A = (pos_A + self.rank) % table.num_copies_E[expert_A]
-        dest_A = table.dest_ER[expert_A, copy_A]
+        return table.dest_ER[expert_A, copy_A], token_A, weight_A, num_dropped
+
+    def _dispatch_exact(self, layer: int, x_TH: torch.Tensor,
+                        routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+        start = time.perf_counter()
+        table, world = self._tables[layer], self.expert_map.world_size
+        c = table.max_local_experts
+        num_tokens = routing.num_tokens
+        dest_A, token_A, weight_A, num_dropped = self._assign(layer, routing)
         order_N = torch.argsort(dest_A, stable=True)
         token_idx_N = token_A[order_N]
         send_WC = count_per_expert(dest_A, world * c).view(world, c)  # by (rank, slot), no sync
@@ -191,7 +246,12 @@ class AllToAllDispatcher:
                                    time.perf_counter() - start)
         return x_MH, plan
 
-    def combine(self, layer: int, y_MH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def combine(self, layer: int, y_MH: torch.Tensor, plan: DispatchPlan | LowLatencyPlan) -> torch.Tensor:
+        if isinstance(plan, LowLatencyPlan):
+            start = time.perf_counter()
+            out_TH, moved = self._low_latency.combine(layer, y_MH, plan)
+            self.stats.record_combine(moved, time.perf_counter() - start)
+            return out_TH
         start = time.perf_counter()
         if plan.recv_order_M is not None:
             y_MH = torch.empty_like(y_MH).index_copy_(0, plan.recv_order_M, y_MH)

@@ -130,7 +130,9 @@ def packed_swiglu(x_NH: torch.Tensor, w13: PackedLinear, w2: PackedLinear) -> to
 def grouped_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: LayerExperts) -> torch.Tensor:
     """Rows of local expert i are x_NH[sum(counts_E[:i]) : sum(counts_E[:i+1])].
 
-    `counts_E` is int64 [E_local] on x_NH's device; the implementation follows the tensors.
+    `counts_E` is int64 [E_local] on x_NH's device; the implementation follows the tensors. Rows
+    past sum(counts_E) are padding (a low-latency dispatch's fixed-size buffer): their outputs
+    are whatever the implementation leaves there, and nobody reads them.
     """
     return run_experts(experts_impl_for(x_NH, experts), x_NH, counts_E, experts)
 
@@ -160,8 +162,8 @@ def experts_impl_for(x_NH: torch.Tensor, experts: LayerExperts) -> ExpertsImpl:
 
 def loop_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: LayerExperts) -> torch.Tensor:
     counts = counts_E.tolist()  # on a GPU: the one device→host copy of this path
-    if sum(counts) != x_NH.shape[0]:
-        raise ValueError(f"counts {counts} do not add up to the {x_NH.shape[0]} rows")
+    if sum(counts) > x_NH.shape[0]:
+        raise ValueError(f"counts {counts} add up to more than the {x_NH.shape[0]} rows")
     out_NH = torch.empty_like(x_NH)
     start = 0
     for i, n in enumerate(counts):
@@ -172,9 +174,12 @@ def loop_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: LayerExper
 
 
 def grouped_mm_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: LayerExperts) -> torch.Tensor:
-    """Two grouped GEMMs over every local expert at once; `counts_E` never leaves the device,
-    so the caller must make it add up to the rows (dispatch does): rows past the last offset
-    would come back uninitialised."""
+    """Two grouped GEMMs over every local expert at once; `counts_E` never leaves the device.
+
+    The last group is stretched to the last row, so padding rows past sum(counts_E) (a
+    low-latency buffer's) are computed by the last expert instead of left to the kernel's
+    reading of a short offset list; where the counts add up to the rows this changes nothing.
+    """
     if _grouped_mm is None:
         raise RuntimeError("this torch has neither F.grouped_mm nor torch._grouped_mm")
     if not grouped_mm_layout_ok(experts.w13_EFH, experts.w2_EHF):
@@ -188,6 +193,7 @@ def grouped_mm_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: Laye
     if not x_NH.is_contiguous() or x_NH.data_ptr() % 16:
         x_NH = x_NH.clone(memory_format=torch.contiguous_format)  # a fresh block is aligned
     offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)  # end of each expert's rows
+    offs_E[-1] = x_NH.shape[0]
     h_N2F = _grouped_mm(x_NH, experts.w13_EFH.transpose(1, 2), offs=offs_E)
     gate_NF, up_NF = h_N2F.chunk(2, dim=-1)
     return _grouped_mm(F.silu(gate_NF) * up_NF, experts.w2_EHF.transpose(1, 2), offs=offs_E)

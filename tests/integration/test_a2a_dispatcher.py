@@ -51,6 +51,11 @@ class Scenario:
     gate: str = "random"  # or "fixed": every token picks the same experts
     capacity_factor: float | None = None
     dtype: torch.dtype = torch.float32
+    low_latency: bool = False  # fixed-capacity buffers sized for the most tokens on one rank
+
+    @property
+    def low_latency_tokens(self) -> int | None:
+        return max(self.tokens_per_attention_rank) if self.low_latency else None
 
     @property
     def num_attention(self) -> int:
@@ -102,6 +107,7 @@ def run_rank(rank: int, sc: Scenario, transport) -> None:
             for layer in range(sc.num_layers) if expert_map.local_experts(layer, rank)}
     expert_map.check_holds(rank, {layer: ex.expert_ids for layer, ex in mine.items()})
     dispatcher = AllToAllDispatcher(rank, expert_map, transport, capacity_factor=sc.capacity_factor)
+    dispatcher.begin_step(sc.low_latency_tokens)
 
     is_attention = rank < sc.num_attention
     x = tokens_for(sc, rank) if is_attention else torch.empty(0, HIDDEN, dtype=sc.dtype)
@@ -195,6 +201,11 @@ def test_one_attention_two_expert_ranks():
         Scenario("bf16-1+2", (11,), 2, dtype=torch.bfloat16),
         Scenario("capacity-1+2", (24,), 2, gate="fixed", capacity_factor=1.0),
         Scenario("top1-1+2", (9,), 2, num_layers=3, top_k=1),
+        Scenario("low-latency-1+2", (13,), 2, low_latency=True),
+        Scenario("low-latency-bf16-1+2", (11,), 2, dtype=torch.bfloat16, low_latency=True),
+        # Every token on the same experts: each segment full, the capacity's worst case.
+        Scenario("low-latency-worst-case-1+2", (24,), 2, gate="fixed", low_latency=True),
+        Scenario("low-latency-decode-1+2", (1,), 2, num_layers=3, low_latency=True),
     ])
 
 
@@ -206,6 +217,10 @@ def test_two_attention_three_expert_ranks_uneven():
         Scenario("replicated-2+3", (17, 12), 3, replicas={(0, 0): 2, (0, 1): 2, (0, 2): 3, (1, 7): 3}),
         Scenario("load-balanced-2+3", (8, 8), 3, load=HOT, replicas={(0, 0): 2, (0, 1): 2}),
         Scenario("all-replicated-2+3", (15, 6), 3, num_layers=1, replicas={(0, e): 2 for e in range(8)}),
+        Scenario("low-latency-uneven-2+3", (9, 14), 3, low_latency=True),
+        Scenario("low-latency-empty-rank-2+3", (10, 0), 3, low_latency=True),
+        Scenario("low-latency-replicated-2+3", (17, 12), 3, replicas={(0, 0): 2, (0, 1): 2, (0, 2): 3},
+                 low_latency=True),
     ])
 
 
@@ -216,6 +231,10 @@ def test_two_attention_four_expert_ranks():
         Scenario("same-expert-2+4", (10, 5), 4, gate="fixed"),
         Scenario("more-workers-than-experts-2+4", (6, 6), 4, num_experts=3),
         Scenario("capacity-2+4", (16, 4), 4, capacity_factor=0.5),
+        Scenario("low-latency-same-expert-2+4", (10, 5), 4, gate="fixed", low_latency=True),
+        # Experts on 3 of 4 workers: the fourth is no destination and receives nothing.
+        Scenario("low-latency-more-workers-than-experts-2+4", (6, 6), 4, num_experts=3, low_latency=True),
+        Scenario("low-latency-top1-2+4", (8, 3), 4, top_k=1, low_latency=True),
     ])
 
 
@@ -234,6 +253,24 @@ def test_world_size_one_is_the_local_dispatcher():
     assert sum(snap.tokens_per_expert.values()) == 21 * 2
     assert snap.dispatch_bytes_sent > 0 and snap.combine_bytes_received == 21 * 2 * HIDDEN * 4
     assert dispatcher.stats.snapshot_and_reset().num_dispatches == 0
+
+
+def test_world_size_one_low_latency_equals_exact():
+    sc = Scenario("loopback-low-latency", (9,), 1, num_layers=1)
+    all_experts, gates = model_for(sc)
+    experts = {0: stack(all_experts[0], tuple(range(8)), torch.float32)}
+    expert_map = place_experts(1, 8, 1).to_expert_map(first_expert_rank=0)
+    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport())
+    x = tokens_for(sc, 0)
+    exact = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+    dispatcher.begin_step(16)  # more room than tokens: padding on every segment
+    low_latency = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+    torch.testing.assert_close(low_latency, exact, rtol=1e-6, atol=1e-6)
+    snap = dispatcher.stats.snapshot_and_reset()
+    assert snap.num_dispatches == 2 and sum(snap.tokens_per_expert.values()) == 2 * 9 * 2
+    with pytest.raises(ValueError, match="buffers hold 4"):
+        dispatcher.begin_step(4)
+        moe_block(0, x, gates[0], 2, dispatcher, experts[0])
 
 
 def test_experts_given_must_match_the_map():
