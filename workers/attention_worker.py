@@ -52,6 +52,7 @@ class AttentionWorker(GroupMember):
 
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         t0 = time.perf_counter()
+        self.dispatcher.begin_step(batch.low_latency_tokens)
         out = self.runner.execute(batch)
         self.busy_seconds += time.perf_counter() - t0
         self.num_steps += 1

@@ -49,6 +49,10 @@ class ScheduledSeq:
 class ScheduledBatch:
     seqs: tuple[ScheduledSeq, ...]
     num_preempted: int = 0  # sequences preempted while building this step
+    # How the step's MoE layers dispatch in a model group: None, the exact path; a number, the
+    # low-latency path with buffers for that many tokens per attention worker (the same number
+    # in every worker's batch, and given to the expert workers: workers/low_latency_dispatch.py).
+    low_latency_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

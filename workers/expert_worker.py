@@ -39,13 +39,14 @@ class ExpertWorker(GroupMember):
                                              self.spec.capacity_factor)
 
     @torch.inference_mode()
-    def execute(self) -> int:
+    def execute(self, low_latency_tokens: int | None = None) -> int:
         """Serve one model step: every MoE layer, in order. Returns rows processed.
 
         The MoE block of moe.py without its route stage: this rank has no tokens of its own, so it
         dispatches an empty routing (receiving what the attention ranks send), runs its experts
         on those rows, and combines (sends them back)."""
         cfg, d = self.config, self.dispatcher
+        d.begin_step(low_latency_tokens)  # the mode the attention workers' batches carry
         x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
         routing = empty_routing(cfg.num_experts_per_tok, self.device)
         rows = 0
