@@ -108,9 +108,9 @@ def model_not_found(model: str, served: Sequence[str] = ()) -> APIError:
 
 
 def is_json_content_type(value: str | None) -> bool:
-    """`application/json` (any parameters) or `application/*+json`. No header at all counts: FastAPI
-    reads such a body as JSON."""
-    if value is None:
+    """`application/json` (any parameters) or `application/*+json`. No header (or an empty one)
+    counts: FastAPI reads such a body as JSON."""
+    if not value:
         return True
     media = value.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))

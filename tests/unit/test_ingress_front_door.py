@@ -229,7 +229,7 @@ def test_a_body_sent_as_another_content_type_is_told_so(tokenizer, content_type)
 
 
 def test_json_content_types_pass():
-    for value in (None, "application/json", "application/json; charset=utf-8", "application/merge+json"):
+    for value in (None, "", "application/json", "application/json; charset=utf-8", "application/merge+json"):
         assert errors.is_json_content_type(value), value
     for value in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
         assert not errors.is_json_content_type(value), value
