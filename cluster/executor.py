@@ -1,9 +1,9 @@
 """How the engine runs a step: one ScheduledBatch per attention worker in, one StepOutput each out.
 
 `LocalExecutor` runs the single-process model in a thread so the engine's event loop stays
-free to accept and stream requests while a step computes. The Ray executor (the worker
-group) implements the same members; only it has workers that can fail (`WorkerFailed` from
-`execute`), and `recover` replaces them.
+free to accept and stream requests while a step computes. `RayExecutor`
+(cluster/ray_executor.py) implements the same members over a model group of Ray actors; only
+it has workers that can fail (`WorkerFailed` from `execute`), and `recover` replaces them.
 """
 
 from __future__ import annotations

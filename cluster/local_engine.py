@@ -25,14 +25,16 @@ log = logging.getLogger(__name__)
 
 def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None,
                        dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
-                       progress: bool = False, gpu_fraction: float = 1.0) -> Engine:
+                       progress: bool = False, gpu_fraction: float = 1.0,
+                       checkpoint: Checkpoint | None = None) -> Engine:
     """`device` is decided here, once, for the whole process ("auto": a GPU when this process
-    has one); `dtype` "auto" follows it (workers/device.py)."""
+    has one); `dtype` "auto" follows it (workers/device.py). `checkpoint`: model_dir already
+    opened by the caller (an engine replica reads its config once); None opens it here."""
     config = config or EngineConfig()
     if config.num_attention_workers != 1:
         raise ValueError("the single-process engine has exactly one attention worker")
     device = device if isinstance(device, torch.device) else select_device(device)
-    ckpt = Checkpoint.open(model_dir)
+    ckpt = checkpoint or Checkpoint.open(model_dir)
     cfg = ckpt.config
     dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
     weight_bytes = local_weight_bytes(ckpt, dtype)

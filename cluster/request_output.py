@@ -18,18 +18,3 @@ class RequestOutput:
     error: str | None = None
     scheduled_time: float | None = None  # time.time() when the engine first scheduled the request
 
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_kv_blocks_used: int
-    num_kv_blocks_total: int
-    num_preemptions: int  # since start
-    num_steps: int
-    last_step_tokens: int
-    last_step_seconds: float
-    num_generated_tokens: int  # since start
-    num_worker_faults: int = 0  # since start: steps that failed because of a worker
-    num_recoveries: int = 0  # since start: faults the engine recovered from
-    healthy: bool = True  # False once a fault could not be recovered (the engine fails everything)

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from ray import serve
 
-from cluster.distributed_engine import ExpertParallelConfig
 from cluster.engine_config import EngineConfig
+from cluster.expert_parallel_config import ExpertParallelConfig
+from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S, FaultConfig
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.topology import TopologyConfig, worker_bundles
-from cluster.worker_group import DEFAULT_STEP_TIMEOUT_S
+from cluster.worker_config import WorkerConfig
 from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS
 from gateway.autoscaling import AutoscalingOptions
 from gateway.engine_deployment import (
@@ -80,7 +81,7 @@ class ServeOptions:
     # every request's deadline (None: none unless the client sends X-Request-Timeout).
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     request_timeout_s: float | None = None
-    # Worker faults (cluster/worker_group.py, cluster/recovery_policy.py): a step taking longer than
+    # Worker faults (cluster/fault_config.py, cluster/recovery_policy.py): a step taking longer than
     # step_timeout_s counts as a stalled worker; at most max_recoveries restarts of the model group
     # within recovery_window_s, then every request fails with 503 and /ready turns red.
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
@@ -134,14 +135,14 @@ class ServeOptions:
                               num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
                               gpu_memory_utilization=self.gpu_memory_utilization,
                               num_attention_workers=self.num_attention_workers)
-        ep = ExpertParallelConfig(expert_replicas=dict(self.expert_replicas), device=self.device,
-                                  dtype=self.dtype,
-                                  step_timeout_s=self.step_timeout_s,
-                                  recovery=RecoveryPolicy(self.max_recoveries, self.recovery_window_s))
+        faults = FaultConfig(step_timeout_s=self.step_timeout_s,
+                             recovery=RecoveryPolicy(self.max_recoveries, self.recovery_window_s))
         return EngineOptions(
             model_name=self.served_model_name,
             model_dir=str(Path(self.model_dir).resolve()), engine=engine, topology=self.topology(),
-            expert_parallel=ep, max_batch_size=self.max_batch_size,
+            expert_parallel=ExpertParallelConfig(expert_replicas=dict(self.expert_replicas)),
+            worker=WorkerConfig(device=self.device, dtype=self.dtype), faults=faults,
+            max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, max_queued_requests=self.max_queued_requests,
             gpu_fraction=self.num_gpus_per_worker or 1.0,
         )

@@ -23,10 +23,14 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from cluster.distributed_engine import ExpertParallelConfig
 from cluster.engine_config import EngineConfig
-from cluster.request_output import EngineStats, RequestOutput
+from cluster.engine_stats import EngineStats
+from cluster.expert_parallel_config import ExpertParallelConfig
+from cluster.fault_config import FaultConfig
+from cluster.request_handle import RequestHandle
+from cluster.request_output import RequestOutput
 from cluster.topology import TopologyConfig
+from cluster.worker_config import WorkerConfig
 from gateway import admission
 from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS, EngineDraining
 from gateway.deadline import DeadlineExceeded, remaining_s
@@ -50,6 +54,8 @@ class EngineOptions:
     engine: EngineConfig
     topology: TopologyConfig | None  # None: the single-process engine, inside the replica
     expert_parallel: ExpertParallelConfig = field(default_factory=ExpertParallelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)  # also a single-process engine's device, dtype
+    faults: FaultConfig = field(default_factory=FaultConfig)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
     num_threads: int | None = None  # torch threads of a single-process engine; None: torch's default
@@ -81,15 +87,20 @@ class ModelInfo:
 @serve.deployment(name="EngineDeployment")
 class EngineDeployment:
     def __init__(self, options: EngineOptions) -> None:
-        from workers.config import ModelConfig
-
         self.options = options
-        self.group = None
+        self.executor = None  # the Ray executor of a model group; None for a single-process engine
+        # The model's config is read once here and handed down (the group's workers read their own).
         if options.topology is None:
-            self.engine = self._build_local(options)
+            from workers.checkpoint import Checkpoint
+
+            checkpoint = Checkpoint.open(options.model_dir)
+            model_config = checkpoint.config
+            self.engine = self._build_local(options, checkpoint)
         else:
-            self.engine, self.group = self._build_distributed(options)
-        model_config = ModelConfig.from_dir(options.model_dir)
+            from workers.config import ModelConfig
+
+            model_config = ModelConfig.from_dir(options.model_dir)
+            self.engine, self.executor = self._build_distributed(options, model_config)
         self.model_info = ModelInfo(max_model_len=self.engine.max_model_len,
                                     vocab_size=model_config.vocab_size, memory=self.engine.memory)
         self._admit.set_max_batch_size(options.max_batch_size)
@@ -98,7 +109,7 @@ class EngineDeployment:
         self.metrics = ServingMetrics(options.model_name)
         self._generated_seen = 0
         self.engine.step_listeners.append(self._on_step)
-        self.engine.recovery_listeners.append(self.metrics.observe_recovery)  # worker faults
+        self.engine.recovery.listeners.append(self.metrics.observe_recovery)  # worker faults
         self._reporter: asyncio.Task | None = None
         self._num_admitting = 0  # inside `_admit` now: not yet in the engine's waiting queue
         self._in_flight: set[str] = set()  # request ids of the `generate` streams now open
@@ -110,7 +121,7 @@ class EngineDeployment:
         self._generated_seen = stats.num_generated_tokens
 
     def _ensure_reporter(self) -> None:
-        if self.group is not None and (self._reporter is None or self._reporter.done()):
+        if self.executor is not None and (self._reporter is None or self._reporter.done()):
             self._reporter = asyncio.get_running_loop().create_task(self._report_workers())
 
     async def _report_workers(self) -> None:
@@ -118,7 +129,7 @@ class EngineDeployment:
         while True:
             await asyncio.sleep(self.options.metrics_interval_s)
             try:
-                stats = await asyncio.gather(*[w.dispatch_stats.remote() for w in self.group.workers])
+                stats = await asyncio.gather(*[w.dispatch_stats.remote() for w in self.executor.workers])
             except Exception as exc:  # a dead worker: the fault path reports it
                 log.warning("could not read worker stats: %s", type(exc).__name__)
                 continue
@@ -126,23 +137,23 @@ class EngineDeployment:
             self.metrics.observe_engine(self.engine.stats(), step_ran=False)
 
     @staticmethod
-    def _build_local(options: EngineOptions):
+    def _build_local(options: EngineOptions, checkpoint):
         import torch
 
         from cluster.local_engine import build_local_engine
 
         if options.num_threads:
             torch.set_num_threads(options.num_threads)
-        ep = options.expert_parallel
-        return build_local_engine(options.model_dir, options.engine, dtype=ep.dtype, device=ep.device,
-                                  gpu_fraction=options.gpu_fraction)
+        return build_local_engine(options.model_dir, options.engine, dtype=options.worker.dtype,
+                                  device=options.worker.device, gpu_fraction=options.gpu_fraction,
+                                  checkpoint=checkpoint)
 
     @staticmethod
-    def _build_distributed(options: EngineOptions):
+    def _build_distributed(options: EngineOptions, model_config):
         import ray
 
         from cluster.distributed_engine import build_distributed_engine
-        from cluster.worker_group import GroupPlacement
+        from cluster.reservation import Reservation
 
         pg = ray.util.get_current_placement_group()
         if pg is None:
@@ -150,7 +161,9 @@ class EngineDeployment:
                                "(gateway.app.build_app sets them)")
         # Bundle 0 is this replica's own; the workers take 1..world_size.
         return build_distributed_engine(options.model_dir, options.engine, options.topology,
-                                        options.expert_parallel, placement=GroupPlacement(pg, first_bundle=1))
+                                        expert_parallel=options.expert_parallel, worker=options.worker,
+                                        faults=options.faults, reservation=Reservation(pg, first_bundle=1),
+                                        model_config=model_config)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -225,13 +238,12 @@ class EngineDeployment:
             self.engine.abort(request_id)
 
     @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def _admit(self, requests: list[GenerationRequest]) -> list[asyncio.Queue | ValueError]:
-        """Add a batch of requests to the engine at once; each gets its output queue or its error."""
-        admitted: list[asyncio.Queue | ValueError] = []
+    async def _admit(self, requests: list[GenerationRequest]) -> list[RequestHandle | ValueError]:
+        """Add a batch of requests to the engine at once; each gets its handle or its error."""
+        admitted: list[RequestHandle | ValueError] = []
         for req in requests:
             try:
-                queue = self.engine.add_request(req.request_id, list(req.prompt_ids), req.params).queue
-                admitted.append(queue)
+                admitted.append(self.engine.add_request(req.request_id, list(req.prompt_ids), req.params))
             except ValueError as exc:
                 admitted.append(exc)
         return admitted
@@ -256,10 +268,10 @@ class EngineDeployment:
         await self._watch_drain()
         if self._drain.draining:  # shutting down: load balancers should stop sending us requests
             return False
-        if self.group is None:
+        if self.executor is None:
             return True
         try:
-            await asyncio.wait_for(asyncio.gather(*[w.where.remote() for w in self.group.workers]),
+            await asyncio.wait_for(asyncio.gather(*[w.where.remote() for w in self.executor.workers]),
                                    READY_TIMEOUT_S)
         except Exception as exc:  # an actor died, or hangs
             log.warning("engine not ready: %s: %s", type(exc).__name__, exc)
@@ -267,21 +279,19 @@ class EngineDeployment:
         return True
 
     def __del__(self) -> None:
-        group = getattr(self, "group", None)
-        if group is not None:
+        executor = getattr(self, "executor", None)
+        if executor is not None:
             try:
-                group.shutdown()
+                executor.shutdown()
             except Exception:  # Ray may be going down with us
                 pass
 
 
-async def _next_output(queue: asyncio.Queue, request: GenerationRequest) -> RequestOutput:
+async def _next_output(handle: RequestHandle, request: GenerationRequest) -> RequestOutput:
     """The next output, or DeadlineExceeded once the request's time is up (the caller aborts it)."""
     left = remaining_s(request.timeout_s, request.arrival_time, time.time())
-    if left is None:
-        return await queue.get()
     try:
-        return await asyncio.wait_for(queue.get(), left)
+        return await handle.next_output(left)
     except TimeoutError:
         raise DeadlineExceeded(f"the request did not finish within its {request.timeout_s:g} s "
                                "deadline") from None

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
+from cluster.engine_stats import EngineStats
 from cluster.recovery_event import RecoveryEvent
-from cluster.request_output import EngineStats
 from gateway.metric_catalog import CATALOG, MetricSpec
 from workers.worker_stats import WorkerStats
 

@@ -20,7 +20,7 @@ Systems, timed interleaved from one asyncio loop (order rotated per repetition),
 
     phase 1, no compiled graph alive:
       local         LocalExecutor.execute: the single-process engine's step (ModelRunner in a thread)
-      ray           RayWorkerGroup.execute: one Ray actor call per worker per step
+      ray           RayExecutor.execute: one Ray actor call per worker per step
       ray no-op     the same fan-out (three actors on the same nodes, batch as argument) to no-ops
     phase 2, the group compiled:
       local (cgraph alive)  as local: what the compiled graph's pollers cost this process
@@ -60,11 +60,12 @@ import ray
 import torch
 from tqdm import tqdm
 
-from cluster.distributed_engine import ExpertParallelConfig, build_group_spec
+from cluster.distributed_engine import build_group_spec
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
+from cluster.ray_executor import RayExecutor
 from cluster.topology import TopologyConfig
-from cluster.worker_group import RayWorkerGroup
+from cluster.worker_config import WorkerConfig
 from tests.bench.bench_engine import write_small_checkpoint
 from tests.bench.bench_util import Samples, print_table
 from workers.batch_spec import ScheduledBatch, ScheduledSeq
@@ -198,7 +199,7 @@ class StepStats:
     experts: float  # the busiest expert worker's grouped experts, all layers
 
 
-def drain_stats(group: RayWorkerGroup) -> StepStats:
+def drain_stats(group: RayExecutor) -> StepStats:
     stats = group.dispatch_stats()
     # WorkerStats wraps the dispatcher's snapshot; older workers return the snapshot bare.
     snap = getattr(stats[0], "dispatch", stats[0])
@@ -216,14 +217,14 @@ def _expert_step(worker, _step: int) -> int:
 
 
 class CompiledGroup:
-    """Prototype: RayWorkerGroup.execute as a Ray Compiled Graph (the control path only).
+    """Prototype: RayExecutor.execute as a Ray Compiled Graph (the control path only).
 
     The same actors and the same per-worker calls, compiled once: each step writes the
     batches into shared-memory channels instead of submitting one Ray task per worker.
     Expert workers take the step number, so their input is a few bytes.
     """
 
-    def __init__(self, group: RayWorkerGroup) -> None:
+    def __init__(self, group: RayExecutor) -> None:
         from ray.dag import InputNode, MultiOutputNode
 
         a = group.num_attention_workers
@@ -306,7 +307,7 @@ class Result:
 
 
 async def measure(res: Result, batches: tuple[ScheduledBatch, ...], systems: dict, timed: TimedDispatcher,
-                  group: RayWorkerGroup, repeats: int, bar: tqdm) -> None:
+                  group: RayExecutor, repeats: int, bar: tqdm) -> None:
     """Every system has `await execute(batches)`; one repetition runs each once, order rotated."""
     for system in systems:
         res.times[system] = Samples()
@@ -337,15 +338,16 @@ async def measure(res: Result, batches: tuple[ScheduledBatch, ...], systems: dic
         bar.update()
 
 
-def small_group(model_dir: Path, engine_cfg: EngineConfig) -> RayWorkerGroup:
+def small_group(model_dir: Path, engine_cfg: EngineConfig) -> RayExecutor:
     topo = TopologyConfig(num_attention_workers=1, num_expert_workers=2, strategy="SPREAD",
                           num_cpus_per_worker=0.25, attention_resources={"moe_attention": 1},
                           expert_resources={"moe_expert": 1})
-    spec = build_group_spec(model_dir, engine_cfg, topo, ExpertParallelConfig(num_threads=1))
-    return RayWorkerGroup(spec, topo)
+    spec = build_group_spec(model_dir, ModelConfig.from_dir(model_dir), engine_cfg, topo,
+                            worker=WorkerConfig(num_threads=1))
+    return RayExecutor(spec, topo)
 
 
-def describe(group: RayWorkerGroup) -> list[str]:
+def describe(group: RayExecutor) -> list[str]:
     nodes = {w["rank"]: w["node_id"][:8] for w in group.where()}
     threads = ray.get([w.__ray_call__.remote(lambda _w: torch.get_num_threads()) for w in group.workers])
     return [f"attention worker on node {nodes[0]}, expert workers on node(s) "

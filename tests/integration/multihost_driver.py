@@ -72,14 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from cluster.distributed_engine import ExpertParallelConfig, build_distributed_engine
+    from cluster.distributed_engine import build_distributed_engine
+    from cluster.fault_config import FaultConfig
     from tests.engine_helpers import run_requests
 
     ray.init(address=args.address, configure_logging=False, log_to_driver=False)
     try:
         nodes = wait_for_nodes(args.nodes, args.timeout)
         engine, group = build_distributed_engine(args.model_dir, engine_cfg(), topology(),
-                                                 ExpertParallelConfig(collective_timeout_s=args.timeout))
+                                                 faults=FaultConfig(collective_timeout_s=args.timeout))
         try:
             where = group.where()
             outputs = run_requests(engine, requests())

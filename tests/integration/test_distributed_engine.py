@@ -8,8 +8,9 @@ import pytest
 import ray
 import torch
 
-from cluster.distributed_engine import ExpertParallelConfig, build_distributed_engine
+from cluster.distributed_engine import build_distributed_engine
 from cluster.engine_config import EngineConfig
+from cluster.expert_parallel_config import ExpertParallelConfig
 from cluster.local_engine import build_local_engine
 from cluster.topology import TopologyConfig
 from tests.engine_helpers import run_requests
@@ -71,7 +72,7 @@ def test_distributed_equals_single_process(ray_local, model_dir, reference, case
     num_attn, num_exp, replicas = CASES[case]
     topo = TopologyConfig(num_attention_workers=num_attn, num_expert_workers=num_exp, num_cpus_per_worker=0.1)
     engine, group = build_distributed_engine(model_dir, engine_cfg(num_attn), topo,
-                                             ExpertParallelConfig(expert_replicas=replicas))
+                                             expert_parallel=ExpertParallelConfig(expert_replicas=replicas))
     try:
         got = run_requests(engine, requests())
         for want, have in zip(reference, got, strict=True):

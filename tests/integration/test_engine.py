@@ -13,13 +13,14 @@ import random
 import pytest
 import torch
 
-from cluster.distributed_engine import ExpertParallelConfig, build_group_spec
+from cluster.distributed_engine import build_group_spec
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
 from cluster.topology import TopologyConfig
 from tests.engine_helpers import collect, run_requests
 from tests.model_helpers import save_hf_mixtral
+from workers.config import ModelConfig
 from workers.sampling_params import SamplingParams
 
 VOCAB = 101
@@ -39,15 +40,15 @@ BASE = dict(max_num_seqs=32, max_num_batched_tokens=256, block_size=4, num_kv_bl
 def ray_group(tiny_dir):
     import ray
 
-    from cluster.worker_group import RayWorkerGroup
+    from cluster.ray_executor import RayExecutor
 
     model_dir, _ = tiny_dir
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     topo = TopologyConfig(num_attention_workers=2, num_expert_workers=2, num_cpus_per_worker=0.1)
-    spec = build_group_spec(model_dir, EngineConfig(**BASE, num_attention_workers=2), topo,
-                            ExpertParallelConfig())
-    group = RayWorkerGroup(spec, topo)
+    spec = build_group_spec(model_dir, ModelConfig.from_dir(model_dir),
+                            EngineConfig(**BASE, num_attention_workers=2), topo)
+    group = RayExecutor(spec, topo)
     yield group
     group.shutdown()
     ray.shutdown()

@@ -24,10 +24,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.distributed_engine import ExpertParallelConfig, build_distributed_engine
+from cluster.distributed_engine import build_distributed_engine
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
+from cluster.fault_config import FaultConfig
 from cluster.local_engine import build_local_engine
+from cluster.recovery import Recovery
 from cluster.recovery_event import RecoveryEvent
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.topology import TopologyConfig
@@ -85,11 +87,11 @@ def run(engine: Engine, *steps):
     return results[0] if len(steps) == 1 else results
 
 
-def build(model_dir, topology: TopologyConfig | None = None, **ep) -> tuple[Engine, object]:
+def build(model_dir, topology: TopologyConfig | None = None, **faults) -> tuple[Engine, object]:
     topology = topology or TopologyConfig(num_attention_workers=1, num_expert_workers=2,
                                           num_cpus_per_worker=0.1)
     cfg = dataclasses.replace(ENGINE_CFG, num_attention_workers=topology.num_attention_workers)
-    return build_distributed_engine(model_dir, cfg, topology, ExpertParallelConfig(**ep))
+    return build_distributed_engine(model_dir, cfg, topology, faults=FaultConfig(**faults))
 
 
 async def _collect(engine: Engine, i: int, prompt: list[int]) -> dict:
@@ -105,7 +107,7 @@ async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_afte
     """Run every request concurrently; call `fault()` once they generated `fault_after` tokens."""
     fault_after += engine.stats().num_generated_tokens
     events: list[RecoveryEvent] = []
-    engine.recovery_listeners.append(events.append)
+    engine.recovery.listeners.append(events.append)
     tasks = [asyncio.ensure_future(_collect(engine, i, p)) for i, p in enumerate(requests)]
     injected_at = None
     if fault is not None:
@@ -117,7 +119,7 @@ async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_afte
         injected_at = engine.stats().num_generated_tokens
         fault()
     results = await asyncio.wait_for(asyncio.gather(*tasks), RUN_DEADLINE_S)
-    engine.recovery_listeners.remove(events.append)
+    engine.recovery.listeners.remove(events.append)
     return {"tokens": [r["tokens"] for r in results], "results": results, "events": events,
             "injected_at": injected_at}
 
@@ -172,7 +174,7 @@ def test_engine_requeues_and_reruns_after_a_fault(demo_model_dir, reference):
 
 def test_engine_gives_up_past_the_policy_and_refuses_new_requests(demo_model_dir):
     engine = build_local_engine(demo_model_dir, ENGINE_CFG)
-    engine.recovery = RecoveryPolicy(max_recoveries=1, window_s=600)
+    engine.recovery = Recovery(RecoveryPolicy(max_recoveries=1, window_s=600))
     engine.executor = FlakyExecutor(engine.executor, fail_steps={3, 9})
     got, late = run(engine, _run(engine, prompts()), _run(engine, prompts()[:2]))
     assert [e.outcome for e in got["events"]] == ["recovered", "refused"]
