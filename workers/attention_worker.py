@@ -1,7 +1,7 @@
 """AttentionWorker: embeddings, attention, routers, LM head, the paged KV cache of its
 sequences, and sampling. Its MoE layers send routed tokens to the expert workers.
 
-A plain class: cluster/worker_group.py makes it a Ray actor.
+A plain class: cluster/ray_executor.py makes it a Ray actor.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ExpertWorker: only its experts' weights. Per step and layer: dispatch (receive) →
 experts → combine (send back). It holds no request state, so a restart loses nothing.
 
-A plain class: cluster/worker_group.py makes it a Ray actor.
+A plain class: cluster/ray_executor.py makes it a Ray actor.
 """
 
 from __future__ import annotations
