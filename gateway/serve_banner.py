@@ -67,7 +67,8 @@ def metrics_lines(endpoints: Sequence[MetricsEndpoint], *, joined: bool,
         return [f"  metrics     {endpoints[0].url}"]
     if not endpoints:
         return ["  metrics     the cluster's nodes export none (started without a metrics port?)"]
-    lines = [f"  metrics     each node of the cluster exports its own ({len(endpoints)} nodes):"]
+    count = f"{len(endpoints)} node" + ("s" if len(endpoints) != 1 else "")
+    lines = [f"  metrics     each node of the cluster exports its own ({count}):"]
     lines += [f"              {e.url}" for e in endpoints[:MAX_LISTED_NODES]]
     if len(endpoints) > MAX_LISTED_NODES:
         lines.append(f"              ... and {len(endpoints) - MAX_LISTED_NODES} more (ray list nodes)")
