@@ -11,6 +11,8 @@ by the tensors' device and dtype (`experts_impl_for`):
 - "loop": two matmuls per expert that received rows, each through a weight packed once at
   load (linear.py); experts with no rows cost nothing. The CPU path, and the fallback on a
   GPU (it reads the counts on the host: one device→host copy per call).
+- "dense" (cuda_graph_experts.py): every local expert on every row, no host read; taken on a
+  GPU only while a CUDA graph is being captured and the grouped kernel is unavailable.
 
 `run_experts(impl, ...)` picks one by name (tests and benchmarks); `reference_experts` is the
 slow, obviously-correct per-expert loop over unsorted tokens, on the plain weights with
@@ -30,9 +32,10 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
+from workers.cuda_graph_experts import dense_experts
 from workers.linear import PackedLinear
 
-ExpertsImpl = Literal["loop", "grouped_mm"]
+ExpertsImpl = Literal["loop", "grouped_mm", "dense"]
 
 # `F.grouped_mm` is the public name in newer torch; `torch._grouped_mm` the older private one.
 _grouped_mm: Callable[..., torch.Tensor] | None = getattr(F, "grouped_mm", None) or getattr(
@@ -157,6 +160,8 @@ def experts_impl_for(x_NH: torch.Tensor, experts: LayerExperts) -> ExpertsImpl:
     if x_NH.device.type == "cuda" and x_NH.device == w.device and x_NH.dtype == w.dtype \
             and experts.grouped_mm_ready:
         return "grouped_mm"
+    if x_NH.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "dense"  # the loop reads counts on the host, which a CUDA graph capture forbids
     return "loop"
 
 
@@ -202,6 +207,7 @@ def grouped_mm_experts(x_NH: torch.Tensor, counts_E: torch.Tensor, experts: Laye
 _IMPLS: dict[str, Callable[[torch.Tensor, torch.Tensor, LayerExperts], torch.Tensor]] = {
     "loop": loop_experts,
     "grouped_mm": grouped_mm_experts,
+    "dense": dense_experts,  # cuda_graph_experts.py
 }
 
 

@@ -1,5 +1,8 @@
 """Runs one scheduled step on a model: build attention metadata, forward, sample.
 
+A pure decode step may instead replay a captured CUDA graph (workers/cuda_graph_runner.py);
+sampling is the same either way.
+
 The same runner serves the single-process engine and each attention worker actor; a
 worker with nothing scheduled still calls `execute` with an empty batch, because its
 MoE layers must join every all-to-all of the step.
@@ -11,6 +14,7 @@ import torch
 
 from workers.attention_metadata import AttentionMetadata, SeqExtent
 from workers.batch_spec import ScheduledBatch
+from workers.cuda_graph_runner import DecodeGraphRunner
 from workers.kv_cache import KVCache
 from workers.mixtral import MixtralModel
 from workers.sampler import SampleKey, sample
@@ -18,13 +22,17 @@ from workers.step_output import StepOutput
 
 
 class ModelRunner:
-    def __init__(self, model: MixtralModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: MixtralModel, kv_cache: KVCache,
+                 decode_graphs: DecodeGraphRunner | None = None) -> None:
+        """`decode_graphs`: replays pure decode steps that fit one of its buckets (the
+        single-process engine on CUDA); None, or any other step, runs eagerly."""
         if kv_cache.k_BPGD[0].device != model.weights.embed_VH.device:
             raise ValueError(f"the KV cache is on {kv_cache.k_BPGD[0].device}, "
                              f"the weights on {model.weights.embed_VH.device}")
         self.model = model
         self.kv_cache = kv_cache
         self.device = model.weights.embed_VH.device
+        self.decode_graphs = decode_graphs
 
     @property
     def block_size(self) -> int:
@@ -34,15 +42,25 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         seqs = batch.seqs
         extents = [SeqExtent(s.start_pos, len(s.token_ids), s.block_table) for s in seqs]
-        # Host-built, one copy each onto the device (non-blocking from pinned memory on a GPU).
-        meta = AttentionMetadata.build(extents, self.block_size, self.device)
-        ids_T = _to_device([t for s in seqs for t in s.token_ids], self.device)
-        hidden_TH = self.model.forward(ids_T, meta, self.kv_cache)
         wanted = [i for i, s in enumerate(seqs) if s.needs_sample]
-        if not wanted:
-            return StepOutput.empty()
-        rows = [meta.last_token_indices[i] for i in wanted]
-        logits_SV = self.model.logits(hidden_TH[rows])
+        graphs = self.decode_graphs
+        bucket = graphs.step_bucket(extents) if graphs is not None else None
+        if bucket is not None:
+            # One token per sequence: row i of the replay's logits is sequence i's.
+            logits_SV = graphs.run([s.token_ids[0] for s in seqs], extents, bucket)
+            if not wanted:
+                return StepOutput.empty()
+            if len(wanted) < len(seqs):
+                logits_SV = logits_SV[wanted]
+        else:
+            # Host-built, one copy each onto the device (non-blocking from pinned memory on a GPU).
+            meta = AttentionMetadata.build(extents, self.block_size, self.device)
+            ids_T = _to_device([t for s in seqs for t in s.token_ids], self.device)
+            hidden_TH = self.model.forward(ids_T, meta, self.kv_cache)
+            if not wanted:
+                return StepOutput.empty()
+            rows = [meta.last_token_indices[i] for i in wanted]
+            logits_SV = self.model.logits(hidden_TH[rows])
         picked = [seqs[i] for i in wanted]
         keys = [SampleKey(seed=s.sampling.seed, seq_id=s.seq_id, step=s.output_len) for s in picked]
         out = sample(logits_SV, [s.sampling for s in picked], keys)
