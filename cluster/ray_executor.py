@@ -18,6 +18,7 @@ import logging
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.actor_state import actor_id
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S
 from cluster.fault_diagnosis import Roster, diagnose
 from cluster.group_restart import restart_group
@@ -113,7 +114,7 @@ class RayExecutor:
 
     def _roster(self) -> Roster:
         return Roster(kinds=tuple(self.kind_of(rank) for rank in range(self.spec.world_size)),
-                      actor_ids=tuple(w._actor_id.hex() for w in self.workers), node_ids=dict(self._nodes))
+                      actor_ids=tuple(actor_id(w) for w in self.workers), node_ids=dict(self._nodes))
 
     async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
         """Replace every worker and re-form the process group; returns the kinds restarted.
