@@ -21,6 +21,9 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_attention_workers: int = 1  # data-parallel ranks, each with its own KV cache
+    # The single-process engine on CUDA replays decode steps from CUDA graphs captured at start-up
+    # (workers/cuda_graph_runner.py); True runs every step eagerly (vLLM's --enforce-eager).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_attention_workers"):
