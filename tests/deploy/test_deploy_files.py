@@ -35,6 +35,20 @@ def test_dockerfile_runs_moe_serve_and_exposes_only_the_served_ports(rayservice)
     assert len(images) == 1  # head and workers run the same build
 
 
+# download.pytorch.org/whl builds of torch 2.13.0 (pytorch's RELEASE.md: CUDA 12.6 and 13.0 stable,
+# 13.2 experimental); naming another (cu128 was 2.11's) gives an image or venv without torch.
+TORCH_2_13_CUDA_BUILDS = {"cu126", "cu130", "cu132"}
+
+
+def test_every_cuda_build_named_in_deploy_is_one_torch_2_13_has():
+    named = {}
+    for path in [DEPLOY / "Dockerfile", *sorted(DEPLOY.rglob("*.yaml"))]:
+        for tag in re.findall(r"\bcu\d{3}\b", path.read_text()):
+            named.setdefault(tag, []).append(path.name)
+    assert "cu130" in named  # the GPU image of the Dockerfile and the RayService
+    assert set(named) <= TORCH_2_13_CUDA_BUILDS, named
+
+
 def test_dashboard_covers_the_issue_and_reads_only_our_families():
     dashboard = load_dashboard()
     names = set().union(*(promql_metric_names(e) for e in dashboard_exprs(dashboard)))

@@ -69,8 +69,17 @@ def test_builder_accepts_the_configs_args(path, demo_tokenizer_dir):
         assert getattr(auto, key) == value
     bundles = engine._replica_config.placement_group_bundles
     assert len(bundles) == 1 + args["num_attention_workers"] + args["num_expert_workers"]
-    if args.get("use_gpus"):
-        assert [b.get("GPU", 0) for b in bundles] == [0] + [1.0] * (len(bundles) - 1)
+    # The engine replica's own bundle (first) reserves no GPU when the model has expert workers.
+    gpus = args.get("num_gpus_per_worker", 0)
+    assert [b.get("GPU", 0) for b in bundles] == [0] + [gpus] * (len(bundles) - 1)
+
+
+def test_the_mixtral_config_runs_on_gpus_with_kv_sized_from_their_memory():
+    (config,) = load_yaml_docs(DEPLOY / "serve" / "mixtral-8x7b.yaml")
+    args = config["applications"][0]["args"]
+    assert (args["device"], args["dtype"], args["num_gpus_per_worker"]) == ("cuda", "bfloat16", 1)
+    assert 0 < args["gpu_memory_utilization"] <= 1
+    assert "num_kv_blocks" not in args  # a fixed count would ignore the GPU's memory
 
 
 def test_builder_refuses_unknown_and_proxy_args(demo_tokenizer_dir):
