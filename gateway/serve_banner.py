@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gateway.app import ServeOptions
 from workers.demo_checkpoint import MARKER_FILE as DEMO_MARKER_FILE
+from workers.device_memory import MemoryReport
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 SAMPLE_PROMPT = "Once upon a time"  # a continuation, not a question: the demo model's text is random
@@ -88,14 +89,25 @@ def is_demo_model(model_dir: str) -> bool:
     return (Path(model_dir) / DEMO_MARKER_FILE).is_file()
 
 
+def memory_line(options: ServeOptions, reports: Sequence[MemoryReport]) -> list[str]:
+    """What the KV-cache holders resolved at start: device, dtype, weights, KV blocks, longest context."""
+    if not reports:
+        return []
+    who = "engine replica" if options.num_expert_workers == 0 else (
+        "attention worker" if len(reports) == 1 else f"each of {len(reports)} attention workers")
+    return [f"  memory      {who}: {reports[0].summary()}"]
+
+
 def banner(options: ServeOptions, *, grpc: bool, key_from_env: bool,
-           metrics: Sequence[str] = ()) -> str:
-    """The ready message. `metrics` are the lines of `metrics_lines`."""
+           metrics: Sequence[str] = (), memory: Sequence[MemoryReport] = ()) -> str:
+    """The ready message. `metrics` are the lines of `metrics_lines`, `memory` what the engine's
+    KV-cache holders report (ModelInfo.memory)."""
     base = f"http://{url_host(options.host)}:{options.port}"
     body = {"model": options.served_model_name, "prompt": SAMPLE_PROMPT, "max_tokens": 16}
     lines = [
         f"moe-serve: serving {options.served_model_name!r} from {options.model_dir}",
         layout_line(options),
+        *memory_line(options, memory),
         f"  OpenAI API  {base}/v1   (completions, chat/completions, models){listen_note(options.host)}",
         f"  health      {base}/health   ready {base}/ready",
     ]

@@ -116,7 +116,8 @@ def run_serve(options: ServeOptions, address: str | None = None, metrics_port: i
         endpoints = metrics_endpoints(ray.nodes(), options.host, joined=joined)
         key_from_env = options.api_key is not None and os.environ.get("MOE_SERVE_API_KEY") == options.api_key
         print(banner(options, grpc=bool(servicers), key_from_env=key_from_env,
-                     metrics=metrics_lines(endpoints, joined=joined, metrics_port=metrics_port)), flush=True)
+                     metrics=metrics_lines(endpoints, joined=joined, metrics_port=metrics_port),
+                     memory=engine_memory()), flush=True)
         wait_for_interrupt()
         # Drain first: in-flight streams finish while new requests get 503 (gateway/drain.py); a
         # second Ctrl-C stops at once.
@@ -134,6 +135,18 @@ def run_serve(options: ServeOptions, address: str | None = None, metrics_port: i
         ray.shutdown()
     print("moe-serve: stopped", flush=True)
     return 0
+
+
+def engine_memory() -> tuple:
+    """An engine replica's MemoryReports (every replica builds the same), for the banner."""
+    from ray import serve
+
+    try:
+        info = serve.get_deployment_handle("EngineDeployment", APP_NAME).info.remote().result(timeout_s=30)
+    except Exception as exc:  # the banner goes out without it rather than not at all
+        print(f"moe-serve: could not read the engine's memory report: {type(exc).__name__}", flush=True)
+        return ()
+    return info.memory
 
 
 def stop_serving() -> None:

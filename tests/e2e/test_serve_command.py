@@ -118,6 +118,9 @@ def test_serve_as_the_quick_start_runs_it(server, tmp_path):
 
     # The banner: layout, where the metrics are, the key the way it was given ($MOE_SERVE_API_KEY).
     assert "the whole model in one engine replica" in banner and "dtype" in banner
+    # What the replica resolved at start: "auto" became the CPU and float32, and its KV cache size.
+    assert re.search(r"  memory      engine replica: cpu float32: weights [\d.]+ GiB, KV cache \d+ blocks",
+                     banner)
     assert f"  metrics     http://127.0.0.1:{server.metrics_port}/metrics" in banner.splitlines()
     assert "$MOE_SERVE_API_KEY" in banner and KEY not in banner
     assert "random weights" in banner

@@ -137,12 +137,16 @@ def test_quick_start_commands_that_finish_run_as_written(tmp_path):
 def test_quick_start_banner_is_the_real_one():
     from gateway.app import ServeOptions
     from gateway.serve_banner import MetricsEndpoint, banner, metrics_lines
+    from workers.device_memory import MemoryReport
 
     quick = section(README.read_text(), "Quick start")
     shown = next(block for block in code_blocks(quick, "") if block.startswith("moe-serve: serving"))
     model_dir = "/home/you/.cache/moe-serve/demo-model"
     metrics = metrics_lines([MetricsEndpoint("127.0.0.1", 8080)], joined=False, metrics_port=8080)
-    real = banner(ServeOptions(model_dir=model_dir), grpc=True, key_from_env=False, metrics=metrics)
+    # What the demo's attention worker reports on a CPU (its weights and the default 1024 blocks).
+    memory = [MemoryReport("cpu", "float32", 7382016, 1024, 16, 67108864)]
+    real = banner(ServeOptions(model_dir=model_dir), grpc=True, key_from_env=False, metrics=metrics,
+                  memory=memory)
     # The demo note depends on the directory holding the demo checkpoint; the README shows it.
     real_lines = real.splitlines()
     real_lines.insert(-1, "The demo model has random weights: expect random text, not an answer.")
