@@ -58,5 +58,6 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     memory = executor.memory_reports()
     engine_cfg = dataclasses.replace(engine_cfg, num_kv_blocks=min(m.num_kv_blocks for m in memory))
     engine = Engine(executor, engine_cfg, max_model_len=model_config.max_position_embeddings,
-                    eos_token_ids=eos, tokenizer=tokenizer, recovery=faults.recovery, memory=memory)
+                    eos_token_ids=eos, tokenizer=tokenizer, recovery_policy=faults.recovery,
+                    memory=memory)
     return engine, executor

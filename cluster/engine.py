@@ -56,7 +56,8 @@ class _Request:
 class Engine:
     def __init__(self, executor: Executor, config: EngineConfig, *, max_model_len: int,
                  eos_token_ids: tuple[int, ...] = (), tokenizer: Tokenizer | None = None,
-                 recovery: RecoveryPolicy | None = None, memory: tuple[MemoryReport, ...] = ()) -> None:
+                 recovery_policy: RecoveryPolicy | None = None,
+                 memory: tuple[MemoryReport, ...] = ()) -> None:
         if executor.num_attention_workers != config.num_attention_workers:
             raise ValueError(f"executor has {executor.num_attention_workers} attention workers, "
                              f"config says {config.num_attention_workers}")
@@ -77,7 +78,7 @@ class Engine:
         self._loop_task: asyncio.Task | None = None
         self._steps = StepCounters()
         self.step_listeners: list[Callable[[EngineStats], None]] = []  # e.g. the metrics recorder
-        self.recovery = Recovery(recovery)  # its listeners hear of every worker fault
+        self.recovery = Recovery(recovery_policy)  # its listeners hear of every worker fault
 
     @property
     def healthy(self) -> bool:
