@@ -44,7 +44,7 @@ for name in ("ray", "openai", "grpc", "google.protobuf", "triton"):
 if [[ " $PARTS " == *" tests "* ]]; then
   echo "== pytest -m gpu tests/gpu (budget ${PYTEST_BUDGET_S} s)"
   # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-  timeout -k 10 "$PYTEST_BUDGET_S" "$PY" -m pytest -m gpu tests/gpu -q -ra -p no:cacheprovider --timeout 150 \
+  timeout -k 10 "$PYTEST_BUDGET_S" "$PY" -m pytest -m gpu tests/gpu -v -ra --durations=15 -p no:cacheprovider --timeout 150 \
     --junitxml "$OUT/pytest.xml" ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log"
   tests_rc=${PIPESTATUS[0]}
 fi
