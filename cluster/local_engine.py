@@ -13,6 +13,7 @@ from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
 from cluster.text_io import load_text_io
 from workers.checkpoint import Checkpoint
+from workers.cuda_graph_capture import capture_decode_graphs, use_decode_graphs
 from workers.device import resolve_dtype, select_device
 from workers.device_memory import MemoryReport, check_weights_fit, cuda_memory
 from workers.kv_cache import KVCache
@@ -45,12 +46,17 @@ def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None
     cache = config.cache_config()
     num_blocks = decide_num_kv_blocks(cache, cfg, dtype, device, weight_bytes=weight_bytes,
                                       gpu_fraction=gpu_fraction)
-    kv_cache = KVCache(cfg, num_blocks, cache.block_size, dtype=dtype, device=device)
+    graphs = use_decode_graphs(device, config.enforce_eager)
+    # With decode graphs, one block past those the scheduler hands out: where padding rows write.
+    kv_cache = KVCache(cfg, num_blocks + 1 if graphs else num_blocks, cache.block_size, dtype=dtype,
+                       device=device)
     memory = MemoryReport(str(device), str(dtype).removeprefix("torch."), weight_bytes, num_blocks,
                           cache.block_size, kv_cache.nbytes)
     log.info("single-process engine on %s", memory.summary())
     tokenizer, eos = load_text_io(model_dir, cfg)
     config = dataclasses.replace(config, num_kv_blocks=num_blocks)
-    return Engine(LocalExecutor(ModelRunner(model, kv_cache)), config,
+    decode_graphs = (capture_decode_graphs(model, kv_cache, scratch_block=num_blocks,
+                                           max_num_seqs=config.max_num_seqs) if graphs else None)
+    return Engine(LocalExecutor(ModelRunner(model, kv_cache, decode_graphs)), config,
                   max_model_len=cfg.max_position_embeddings, eos_token_ids=eos, tokenizer=tokenizer,
                   memory=(memory,))
