@@ -56,6 +56,7 @@ class ServeOptions:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_kv_blocks: int | None = None  # per attention worker; None: 1024 on a CPU, what fits on a GPU
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # of each worker's GPU share
+    enforce_eager: bool = False  # no decode CUDA graphs (a single-process replica on a GPU captures them)
     num_gpus_per_worker: float = 0.0  # 1 in production; a fraction shares a GPU; 0: CPU only
     num_cpus_per_worker: float = 0.25  # each worker, and the engine replica itself
     placement_strategy: str = "PACK"  # of a model group's bundles: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
@@ -134,7 +135,8 @@ class ServeOptions:
                               max_num_batched_tokens=max(DEFAULT_BATCHED_TOKENS, self.max_num_seqs),
                               num_kv_blocks=self.num_kv_blocks, max_model_len=self.max_model_len,
                               gpu_memory_utilization=self.gpu_memory_utilization,
-                              num_attention_workers=self.num_attention_workers)
+                              num_attention_workers=self.num_attention_workers,
+                              enforce_eager=self.enforce_eager)
         faults = FaultConfig(step_timeout_s=self.step_timeout_s,
                              recovery=RecoveryPolicy(self.max_recoveries, self.recovery_window_s))
         return EngineOptions(

@@ -84,6 +84,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                         help="fraction of each worker's GPU share for its weights, activations and KV "
                              "cache; the KV cache gets what is left after the weights (default 0.9)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eagerly: no CUDA graphs for decode steps (captured at start "
+                             "by a single-process engine on a GPU)")
     parser.add_argument("--num-kv-blocks", type=int, default=None,
                         help="KV-cache blocks of 16 tokens per attention worker (default: 1024 on a CPU, "
                              "what fits on a GPU)")
@@ -143,7 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
             expert_replicas=parse_expert_replicas(args.expert_replicas), dtype=args.dtype,
             max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, device=args.device,
             num_gpus_per_worker=gpus_per_worker(args), gpu_memory_utilization=args.gpu_memory_utilization,
-            num_kv_blocks=args.num_kv_blocks,
+            num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager,
             num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas or 1,
             autoscaling=autoscaling_from_args(args),
             graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
