@@ -50,7 +50,7 @@ def cpu_reference(cuda_device, demo_model_dir) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def served(cuda_device, demo_model_dir):
+def served(cuda_device, demo_model_dir, tmp_path_factory):
     """The server's base URL once /ready answers 200, and the GPU memory it holds; stopped after."""
     import httpx
 
@@ -61,14 +61,17 @@ def served(cuda_device, demo_model_dir):
            "--attention-workers", "1", "--expert-workers", "3", "--gpus-per-worker", "0.25",
            "--num-kv-blocks", "512", "--host", "127.0.0.1", "--port", str(port),
            "--grpc-port", str(free_port()), "--metrics-port", "0", "--graceful-shutdown-timeout-s", "5"]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its Ray processes go with it at the end
+    # Its output goes to a file: a pipe nobody reads fills up and stalls the server.
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its Ray processes go with it at the end
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
-            assert proc.poll() is None, f"moe-serve serve exited {proc.returncode}:\n{proc.stdout.read()}"
-            assert time.monotonic() < deadline, "moe-serve serve never became ready"
+            assert proc.poll() is None, f"moe-serve serve exited {proc.returncode}:\n{tail(log)}"
+            assert time.monotonic() < deadline, f"moe-serve serve never became ready:\n{tail(log)}"
             try:
                 if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
                     break
@@ -79,6 +82,10 @@ def served(cuda_device, demo_model_dir):
         yield url, free_before - free_serving
     finally:
         stop(proc)
+
+
+def tail(path: Path, num_chars: int = 4000) -> str:
+    return path.read_text(errors="replace")[-num_chars:]
 
 
 def stop(proc: subprocess.Popen) -> None:
