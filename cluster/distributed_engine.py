@@ -57,6 +57,9 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     # the schedulers share one count, so the smallest is the one all can honour.
     memory = executor.memory_reports()
     engine_cfg = dataclasses.replace(engine_cfg, num_kv_blocks=min(m.num_kv_blocks for m in memory))
+    if expert_parallel is not None and expert_parallel.capacity_factor is not None:
+        # Low-latency buffers are dropless by construction; a capacity factor needs the exact path.
+        engine_cfg = dataclasses.replace(engine_cfg, low_latency_max_tokens=0)
     engine = Engine(executor, engine_cfg, max_model_len=model_config.max_position_embeddings,
                     eos_token_ids=eos, tokenizer=tokenizer, recovery_policy=faults.recovery,
                     memory=memory)

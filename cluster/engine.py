@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from cluster.block_manager import BlockManager
+from cluster.dispatch_mode import with_dispatch_mode
 from cluster.engine_config import EngineConfig
 from cluster.engine_stats import EngineStats, StepCounters, collect_stats
 from cluster.executor import Executor
@@ -170,7 +171,8 @@ class Engine:
                 self._fail_all(f"engine step failed: {type(exc).__name__}")
 
     async def step(self) -> None:
-        batches = tuple(s.schedule() or ScheduledBatch(()) for s in self.schedulers)
+        batches = with_dispatch_mode(tuple(s.schedule() or ScheduledBatch(()) for s in self.schedulers),
+                                     self.config.low_latency_max_tokens)
         now = time.time()
         for batch in batches:
             for scheduled in batch.seqs:

@@ -8,6 +8,8 @@ from cluster.scheduler_config import SchedulerConfig
 from workers.cache_config import CacheConfig
 from workers.device_memory import DEFAULT_GPU_MEMORY_UTILIZATION
 
+DEFAULT_LOW_LATENCY_MAX_TOKENS = 64
+
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
@@ -21,6 +23,10 @@ class EngineConfig:
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_attention_workers: int = 1  # data-parallel ranks, each with its own KV cache
+    # Decode steps with at most this many tokens on every attention worker dispatch through
+    # fixed-capacity buffers (no counts round trip); larger steps and prefill go exact.
+    # 0: always exact. Measured by tests/bench/bench_distributed.py (cluster/dispatch_mode.py).
+    low_latency_max_tokens: int = DEFAULT_LOW_LATENCY_MAX_TOKENS
     # The single-process engine on CUDA replays decode steps from CUDA graphs captured at start-up
     # (workers/cuda_graph_runner.py); True runs every step eagerly (vLLM's --enforce-eager).
     enforce_eager: bool = False
@@ -29,6 +35,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_attention_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.low_latency_max_tokens < 0:
+            raise ValueError(f"low_latency_max_tokens must be >= 0, got {self.low_latency_max_tokens}")
         self.cache_config()  # validates num_kv_blocks and gpu_memory_utilization
 
     def cache_config(self) -> CacheConfig:

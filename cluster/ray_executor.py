@@ -93,7 +93,8 @@ class RayExecutor:
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         refs = [w.execute.remote(b) for w, b in zip(self.attention, batches, strict=True)]
-        refs += [w.execute.remote() for w in self.experts]
+        # Expert workers follow the mode every attention worker's batch carries (cluster/dispatch_mode.py).
+        refs += [w.execute.remote(batches[0].low_latency_tokens) for w in self.experts]
         calls = [asyncio.ensure_future(awaited(ref)) for ref in refs]
         done, pending = await asyncio.wait(calls, timeout=self.step_timeout_s,
                                            return_when=asyncio.FIRST_EXCEPTION)

@@ -54,9 +54,10 @@ def ray_group(tiny_dir):
     ray.shutdown()
 
 
-@pytest.fixture(params=["local", "ray"])
+@pytest.fixture(params=["local", "ray", "ray-exact"])
 def engine_for(request, tiny_dir):
-    """A factory of fresh engines; on "ray" every engine drives the same worker group."""
+    """A factory of fresh engines; on "ray" every engine drives the same worker group, its small
+    decode steps through low-latency dispatch; "ray-exact" the same group, always exact."""
     model_dir, hf = tiny_dir
     if request.param == "local":
         def make(_model_dir, **overrides):
@@ -65,7 +66,8 @@ def engine_for(request, tiny_dir):
     group = request.getfixturevalue("ray_group")
 
     def make_ray(_model_dir, **overrides):
-        cfg = EngineConfig(**{**BASE, **overrides, "num_attention_workers": 2})
+        mode = {"low_latency_max_tokens": 0} if request.param == "ray-exact" else {}
+        cfg = EngineConfig(**{**BASE, **overrides, **mode, "num_attention_workers": 2})
         assert cfg.num_kv_blocks <= BASE["num_kv_blocks"] and cfg.block_size == BASE["block_size"]
         return Engine(group, cfg, max_model_len=hf.config.max_position_embeddings,
                       eos_token_ids=(hf.config.eos_token_id,))
