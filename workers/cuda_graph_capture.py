@@ -88,8 +88,8 @@ def _capture_bucket(model: MixtralModel, kv_cache: KVCache, inputs: DecodeGraphI
     stream.wait_stream(torch.cuda.current_stream(stream.device))
     with torch.cuda.stream(stream):
         forward_logits(model, kv_cache, inputs, bucket)  # warm-up, outside the capture
-    torch.cuda.current_stream(stream.device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):  # synchronizes the device first
         logits_BV = forward_logits(model, kv_cache, inputs, bucket)
+    torch.cuda.current_stream(stream.device).wait_stream(stream)
     return GraphReplay(graph, logits_BV)
