@@ -60,6 +60,7 @@ import ray
 import torch
 from tqdm import tqdm
 
+from cluster.dispatch_mode import with_dispatch_mode
 from cluster.distributed_engine import build_group_spec
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
@@ -134,26 +135,22 @@ class BatchMaker:
 
 
 class TimedDispatcher:
-    """Wraps the local dispatcher to time its MoE stages (dispatch + experts + combine)."""
+    """Wraps the local dispatcher to time its MoE stages: from the start of dispatch to the end
+    of combine, which brackets the experts stage the MoE block runs between them."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.seconds = 0.0
-
-    def _timed(self, fn, *args):
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.seconds += time.perf_counter() - t0
-        return out
+        self._started = 0.0
 
     def dispatch(self, layer, x_TH, routing):
-        return self._timed(self.inner.dispatch, layer, x_TH, routing)
-
-    def experts(self, layer, x_MH, plan):
-        return self._timed(self.inner.experts, layer, x_MH, plan)
+        self._started = time.perf_counter()
+        return self.inner.dispatch(layer, x_TH, routing)
 
     def combine(self, layer, y_MH, plan):
-        return self._timed(self.inner.combine, layer, y_MH, plan)
+        out = self.inner.combine(layer, y_MH, plan)
+        self.seconds += time.perf_counter() - self._started
+        return out
 
     def take(self) -> float:
         s, self.seconds = self.seconds, 0.0
@@ -210,6 +207,17 @@ def drain_stats(group: RayExecutor) -> StepStats:
         rank0_busy = None
         busy = ray.get([w.__ray_call__.remote(_take_busy) for w in group.experts])
     return StepStats(rank0_busy, snap.dispatch_seconds + snap.combine_seconds, max(busy))
+
+
+class LowLatencyGroup:
+    """The same Ray executor with the engine's per-step rule applied: decode steps up to the
+    threshold dispatch through fixed-capacity buffers (cluster/dispatch_mode.py)."""
+
+    def __init__(self, group: RayExecutor, max_tokens: int) -> None:
+        self.group, self.max_tokens = group, max_tokens
+
+    async def execute(self, batches: tuple[ScheduledBatch, ...]):
+        return await self.group.execute(with_dispatch_mode(batches, self.max_tokens))
 
 
 def _expert_step(worker, _step: int) -> int:
@@ -287,7 +295,10 @@ class CompiledNoOpFanOut(NoOpFanOut):
 # -- measurement --------------------------------------------------------------------------
 
 LOCAL = ("local", "local (cgraph alive)")
-DISTRIBUTED = ("ray", "cgraph")
+LOW_LATENCY = "ray low-latency"
+DISTRIBUTED = ("ray", LOW_LATENCY, "cgraph")
+# Issue 15's goals for the low-latency path, distributed / single-process step time by tokens.
+LOW_LATENCY_TARGETS = {1: 1.2, 64: 1.05}
 # Per distributed step: rank 0's time inside execute and its dispatch + combine, the busiest
 # expert worker's grouped experts, and two differences taken within the same step:
 # call = step − rank 0's execute, a2a = rank 0's dispatch + combine − the busiest experts.
@@ -386,11 +397,13 @@ async def run_all(args, model_dir: Path) -> tuple[list[Result], dict[str, Sample
                 bare[where].add(time.perf_counter() - t0)
         phases = 1 if args.no_cgraph else 3
         bar = tqdm(total=len(configs) * args.repeats * phases, desc="steps", unit="rep")
-        await phase({"local": local, "ray": group, "ray no-op": noop}, bar)
+        low_latency = LowLatencyGroup(group, max(args.tokens))
+        await phase({"local": local, "ray": group, LOW_LATENCY: low_latency, "ray no-op": noop}, bar)
         # A sanity check that the paths did the same work: greedy tokens of the largest decode.
         batches = (maker.step("decode", max(args.tokens)),)
         want = await local.execute(batches)
-        checks = {"ray": await group.execute(batches) == want}
+        checks = {"ray": await group.execute(batches) == want,
+                  LOW_LATENCY: await low_latency.execute(batches) == want}
         if not args.no_cgraph:
             compiled = CompiledGroup(group)
             await phase({"local (cgraph alive)": local, "cgraph": compiled}, bar)
@@ -421,7 +434,7 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
     rows = []
     for r in results:
         base = r.times["local"].median
-        for system in ("local", "ray", "local (cgraph alive)", "cgraph"):
+        for system in ("local", "ray", LOW_LATENCY, "local (cgraph alive)", "cgraph"):
             if system not in r.times:
                 continue
             s = r.times[system]
@@ -487,6 +500,20 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
         print_table(("kind", "path", "ratio", "goal", "verdict"), rows)
     else:
         print(f"  (not measured: add {TARGET_TOKENS} to --tokens)")
+
+    print("\nlow-latency vs exact dispatch, decode steps (distributed / single-process step time):")
+    rows = []
+    for r in results:
+        if r.kind != "decode" or LOW_LATENCY not in r.times:
+            continue
+        local = r.times["local"].median
+        exact, low = r.times["ray"].median / local, r.times[LOW_LATENCY].median / local
+        goal = LOW_LATENCY_TARGETS.get(r.num_tokens)
+        verdict = "" if goal is None else ("PASS" if low <= goal else "MISS")
+        rows.append((r.num_tokens, f"{exact:.2f}", f"{low:.2f}", f"{exact / low:.2f}",
+                     "" if goal is None else f"<= {goal}", verdict))
+    print_table(("tokens", "exact ×local", "low-latency ×local", "exact / low-latency", "goal", "verdict"),
+                rows)
 
 
 def main() -> None:
