@@ -41,6 +41,10 @@ MAX_TOKENS = 24
 FAULT_AFTER_TOKENS = NUM_REQUESTS * 6  # every request is mid-stream by then
 RUN_DEADLINE_S = 240.0  # no run may hang: the whole batch of requests ends within this
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+# Requests that outlast any fault's way to the engine: with these, a test that needs every
+# request still running when the fault lands cannot pass or fail by timing (10 of them fill
+# 250 of ENGINE_CFG's 256 blocks: prompts are at most 40 tokens).
+LONG = SamplingParams(max_tokens=360, temperature=0.0, ignore_eos=True)
 ENGINE_CFG = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, block_size=16, num_kv_blocks=256)
 
 
@@ -94,21 +98,21 @@ def build(model_dir, topology: TopologyConfig | None = None, **faults) -> tuple[
     return build_distributed_engine(model_dir, cfg, topology, faults=FaultConfig(**faults))
 
 
-async def _collect(engine: Engine, i: int, prompt: list[int]) -> dict:
+async def _collect(engine: Engine, i: int, prompt: list[int], params: SamplingParams = GREEDY) -> dict:
     tokens, last = [], None
-    async for out in engine.generate(f"r{i}", prompt, GREEDY):
+    async for out in engine.generate(f"r{i}", prompt, params):
         tokens += out.token_ids
         last = out
     return {"tokens": tokens, "finish_reason": last.finish_reason, "error": last.error}
 
 
 async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_after: int = FAULT_AFTER_TOKENS,
-               ) -> dict:
+               params: SamplingParams = GREEDY) -> dict:
     """Run every request concurrently; call `fault()` once they generated `fault_after` tokens."""
     fault_after += engine.stats().num_generated_tokens
     events: list[RecoveryEvent] = []
     engine.recovery.listeners.append(events.append)
-    tasks = [asyncio.ensure_future(_collect(engine, i, p)) for i, p in enumerate(requests)]
+    tasks = [asyncio.ensure_future(_collect(engine, i, p, params)) for i, p in enumerate(requests)]
     injected_at = None
     if fault is not None:
         deadline = time.monotonic() + RUN_DEADLINE_S
@@ -298,7 +302,9 @@ def test_node_loss_recovers_onto_a_spare_node_then_fails_explicitly_without_one(
         after = node_of()
         # No spare left now: the next node loss cannot be recovered.
         t0 = time.monotonic()
-        failed = await _run(engine, prompts()[:10], fault=remove_node_of(2), fault_after=10 * 4)
+        # Long requests: the node loss takes a moment to reach the engine, and every request must
+        # still be running when it does (short ones could finish with "length" first).
+        failed = await _run(engine, prompts()[:10], fault=remove_node_of(2), fault_after=10 * 4, params=LONG)
         return before, recovered, after, failed, time.monotonic() - t0
 
     try:
