@@ -1,4 +1,5 @@
-"""The API key check HTTP and gRPC share: `authorization: Bearer <key>`, constant-time.
+"""The API key check HTTP and gRPC share: `authorization: Bearer <key>`, constant-time; a request
+without it is refused with the same message over both (gateway/refusal.py: `unauthenticated`).
 
 HTTP checks it in an ASGI middleware, outside everything else, rather than as a route
 dependency: a request without the key is answered 401 before its body is read or parsed and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hmac
 
 from gateway import errors
+from gateway.refusal import unauthenticated
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 
@@ -55,4 +57,4 @@ class BearerAuthMiddleware:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # policy violation
         else:
-            await errors.unauthorized().response()(scope, receive, send)
+            await errors.api_error(unauthenticated()).response()(scope, receive, send)

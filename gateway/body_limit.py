@@ -1,8 +1,10 @@
-"""ASGI middleware: 413 for a request body over the limit, whether its length is declared or not."""
+"""ASGI middleware: 413 for a request body over the limit, whether its length is declared or not
+(gRPC refuses a request message over the same limit, with the same message: gateway/front_door.py)."""
 
 from __future__ import annotations
 
 from gateway import errors
+from gateway.refusal import too_large
 
 
 class BodyLimitMiddleware:
@@ -19,7 +21,7 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await errors.payload_too_large(self.max_bytes).response()(scope, receive, send)
+            await errors.api_error(too_large(self.max_bytes)).response()(scope, receive, send)
             return
         messages, size = [], 0
         while True:
@@ -29,7 +31,7 @@ class BodyLimitMiddleware:
                 break
             size += len(message.get("body", b""))
             if size > self.max_bytes:
-                await errors.payload_too_large(self.max_bytes).response()(scope, receive, send)
+                await errors.api_error(too_large(self.max_bytes)).response()(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

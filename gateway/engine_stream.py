@@ -1,8 +1,9 @@
-"""One engine request's outputs through a Serve handle, shared by the HTTP and gRPC ingress.
+"""One engine request's outputs through a Serve handle, shared by the HTTP and gRPC layers.
 
 Leaving early (client gone, call cancelled) cancels the replica-side generator, which aborts
 the sequence and frees its KV blocks; an explicit abort follows in case the cancel raced
-admission. Each protocol maps the failures to its own status codes.
+admission. Every failure arrives as a `Refusal` (gateway/engine_failures.py), which each
+protocol renders as its own status.
 """
 
 from __future__ import annotations
@@ -11,18 +12,15 @@ import contextvars
 from collections.abc import AsyncIterator
 
 from cluster.request_output import RequestOutput
+from gateway.engine_failures import EngineFailed, classify
 from gateway.generation_request import GenerationRequest
 
 
-class EngineFailed(Exception):
-    """The engine ended the request with an error output (e.g. an unrecoverable step failure)."""
-
-
 async def engine_outputs(engine, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
-    """Stream `request`'s outputs from the engine deployment handle `engine`.
+    """Stream `request`'s outputs from the engine deployment handle `engine`, to the finished one.
 
-    Raises EngineFailed for an error output; errors of the handle itself pass through.
-    Close it with `contextlib.aclosing` so an early exit aborts at once.
+    Raises `Refusal` for an error output, a stream that ends before the request finished, and
+    any error of the handle. Close it with `contextlib.aclosing` so an early exit aborts at once.
     """
     response = engine.options(stream=True).generate.remote(request)
     finished = False
@@ -32,6 +30,10 @@ async def engine_outputs(engine, request: GenerationRequest) -> AsyncIterator[Re
                 raise EngineFailed(out.error or "the engine failed the request")
             finished = out.finished
             yield out
+        if not finished:
+            raise EngineFailed("the engine ended the request without finishing it")
+    except Exception as exc:
+        raise classify(exc) from exc
     finally:
         if not finished:
             response.cancel()

@@ -1,8 +1,10 @@
 """HTTP errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` (DESIGN.md §6).
 
-Handlers raise `APIError` (usually through the constructors below); `install_error_handlers`
-turns it, FastAPI's validation errors (400, never 422), unknown routes and anything unexpected
-into that body, so the official `openai` client maps every status to its exception class
+A refusal (gateway/refusal.py: the front door's, or an engine failure's) is rendered by its kind
+through HTTP_STATUS, as gRPC renders it through gateway/grpc_status.py. What only HTTP has (a body
+that is not JSON, FastAPI's validation errors: 400, never 422; unknown routes; anything
+unexpected) is an `APIError` built here. `install_error_handlers` turns all of them into that
+body, so the official `openai` client maps every status to its exception class
 (`BadRequestError`, `AuthenticationError`, `NotFoundError`, ...).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,18 +21,38 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.refusal import MAX_MESSAGE_CHARS, Kind, Refusal, clip, internal_error
+
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # what a shed request is told to wait: the queue moves every engine step
-# Error bodies stay small whatever the request was: a message is cut at MAX_MESSAGE_CHARS, and a
-# value taken from the request (a model name, a stop string, a field name) at MAX_ECHO_CHARS, so
-# an error never reflects a large input back (log and proxy bloat, reflected content).
-MAX_MESSAGE_CHARS = 512
-MAX_ECHO_CHARS = 48
-_GOT = re.compile(r"[,;] got ")  # where our validators' messages start quoting the bad value
 # pydantic names the member of a union it tried in the location ("str", "list[int]",
 # "function-after[...]"): noise to a client, so such parts are left out.
 _UNION_TAG = re.compile(r"[\[(<]|^(str|int|float|bool)$")
+
+
+@dataclass(frozen=True)
+class HttpStatus:
+    status_code: int
+    type: str  # OpenAI's error type
+    code: str  # OpenAI's error code
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_RETRY = (("Retry-After", str(RETRY_AFTER_S)),)
+HTTP_STATUS = {
+    Kind.INVALID: HttpStatus(400, "invalid_request_error", "invalid_value"),
+    Kind.UNSUPPORTED: HttpStatus(400, "invalid_request_error", "unsupported_value"),
+    Kind.CONTEXT_LENGTH: HttpStatus(400, "invalid_request_error", "context_length_exceeded"),
+    Kind.TOO_LARGE: HttpStatus(413, "invalid_request_error", "request_too_large"),
+    Kind.UNKNOWN_MODEL: HttpStatus(404, "invalid_request_error", "model_not_found"),
+    Kind.UNAUTHENTICATED: HttpStatus(401, "authentication_error", "invalid_api_key",
+                                     (("WWW-Authenticate", "Bearer"),)),
+    Kind.OVERLOADED: HttpStatus(429, "rate_limit_error", "rate_limit_exceeded", _RETRY),
+    Kind.UNAVAILABLE: HttpStatus(503, "service_unavailable_error", "service_unavailable", _RETRY),
+    Kind.DEADLINE: HttpStatus(408, "timeout_error", "timeout"),
+    Kind.INTERNAL: HttpStatus(500, "server_error", "internal_error"),
+}
 
 
 class APIError(Exception):
@@ -52,59 +75,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+def api_error(refusal: Refusal) -> APIError:
+    """A refusal as HTTP renders it."""
+    status = HTTP_STATUS[refusal.kind]
+    return APIError(status.status_code, refusal.message, type=status.type, param=refusal.field,
+                    code=status.code, headers=dict(status.headers))
+
+
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def clip(text: str, max_chars: int = MAX_ECHO_CHARS) -> str:
-    """`text` cut to `max_chars` (marked with "…"); for anything that came from the request."""
-    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"
-
-
-def clip_value(message: str) -> str:
-    """A "<rule>, got <value>" message (SamplingParams, the tokenizer) with the value clipped."""
-    match = _GOT.search(message)
-    return message[: match.end()] + clip(message[match.end():]) if match else message
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-def context_length_exceeded(max_model_len: int, num_prompt_tokens: int, max_tokens: int,
-                            param: str) -> APIError:
-    return APIError(
-        400,
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, {max_tokens} in "
-        f"the completion). Please reduce the length of the {param} or completion.",
-        param=param, code="context_length_exceeded",
-    )
-
-
-def prompt_too_long(max_model_len: int, num_chars: int, max_chars: int, param: str) -> APIError:
-    return APIError(
-        400,
-        f"This model's maximum context length is {max_model_len} tokens. However, the {param} has "
-        f"{num_chars} characters, more than that many tokens can hold ({max_chars}). Please reduce "
-        f"the length of the {param}.",
-        param=param, code="context_length_exceeded",
-    )
-
-
-def unauthorized() -> APIError:
-    # The key itself is never echoed (OpenAI echoes a masked one; we echo nothing).
-    return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                    type="authentication_error", code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"})
-
-
-def model_not_found(model: str, served: Sequence[str] = ()) -> APIError:
-    """404 for a model name this server does not serve, naming the one(s) it does."""
-    names = ", ".join(f"`{clip(name)}`" for name in served)
-    hint = f" This server serves {names}." if names else ""
-    return APIError(404, f"The model `{clip(model)}` does not exist.{hint}", param="model",
-                    code="model_not_found")
 
 
 def is_json_content_type(value: str | None) -> bool:
@@ -123,25 +102,6 @@ def not_json_content_type(value: str) -> APIError:
                     code="invalid_content_type")
 
 
-def payload_too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"Request body is larger than the limit of {max_bytes} bytes.",
-                    code="request_too_large")
-
-
-def too_many_requests(message: str = "Too many requests; retry later.") -> APIError:
-    return APIError(429, message, type="rate_limit_error", code="rate_limit_exceeded",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def service_unavailable(message: str = "The engine is overloaded or unavailable; retry later.") -> APIError:
-    return APIError(503, message, type="service_unavailable_error", code="service_unavailable",
-                    headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def request_timeout(message: str = "The request did not finish before its deadline.") -> APIError:
-    return APIError(408, message, type="timeout_error", code="timeout")
-
-
 def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     """A 400 from pydantic's error list: the first error names `param`, the message lists all."""
     if any(err.get("type") == "json_invalid" for err in errors):
@@ -153,7 +113,7 @@ def validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         parts.append(f"{'.'.join(loc) or 'body'}: {_strip_prefix(str(err.get('msg', 'invalid')))}")
         params.append(loc[0] if loc else None)
     message = "; ".join(dict.fromkeys(parts)) or "invalid request"
-    return APIError(400, message, param=params[0] if params else None, code="invalid_value")
+    return api_error(Refusal(Kind.INVALID, message, params[0] if params else None))
 
 
 def invalid_json() -> APIError:
@@ -171,6 +131,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(Refusal)
+    async def _refusal(_: Request, exc: Refusal) -> JSONResponse:
+        return api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -195,5 +159,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in a request handler")
-        return APIError(500, f"Internal server error ({type(exc).__name__}).", type="server_error",
-                        code="internal_error").response()
+        return api_error(internal_error(exc)).response()

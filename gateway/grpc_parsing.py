@@ -6,7 +6,7 @@ UNKNOWN with the parser's text, before any of our code runs. `tolerant_adder` wr
 adder (gateway/grpc_stubs.py serves `moe_serve.v1.MoeServe`'s through it) so that it registers
 the same handlers with a deserializer that never raises: bytes that do not parse become a
 `MalformedMessage`, which the proxy hands to the replica like any request, and the ingress
-answers INVALID_ARGUMENT (after the API key check, as for any other request).
+answers INVALID_ARGUMENT (after the API key check, as for any other request: `check_parsed`).
 
 The client's bytes are only ever parsed by protobuf; the proxy pickles the parsed message (or
 this dataclass) to hand it to a replica, a pickle of its own making.
@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from gateway import refusal
+
 
 @dataclass(frozen=True)
 class MalformedMessage:
@@ -31,6 +33,12 @@ class MalformedMessage:
     @property
     def reason(self) -> str:
         return f"the request's {self.num_bytes} bytes are not a valid {self.message_type} message"
+
+
+def check_parsed(request: object) -> None:
+    """Refuses (INVALID_ARGUMENT) request bytes that were no valid message."""
+    if isinstance(request, MalformedMessage):
+        raise refusal.invalid(None, request.reason)
 
 
 def tolerant(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

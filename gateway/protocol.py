@@ -2,14 +2,14 @@
 and /v1/models, as pydantic models.
 
 Requests are strict about types (no "1" for 1, no 1.0 for an integer, no 1 for true) and, like
-OpenAI, ignore top-level fields they do not know. Fields OpenAI defines but we do not implement
-(penalties, logit bias, echo, suffix, best_of, top alternatives in logprobs, tools) are accepted
-at their neutral value and refused otherwise (`unsupported_field`), so a client never gets an
-answer to a question it did not ask. Value rules that sampling owns (temperature >= 0, top_p in
-(0, 1], seed range, ...) are checked once, by `SamplingParams`; the bounds here are OpenAI's own
-and the request limits of gateway/request_limits.py, so that an oversized field is refused while
-parsing, before any work. NaN and infinities are not numbers here, and strings must be encodable
-as UTF-8 (JSON's `\ud800` escape can smuggle in a lone surrogate that the tokenizer chokes on).
+OpenAI, ignore top-level fields they do not know. NaN and infinities are not numbers here, and
+strings must be encodable as UTF-8 (JSON's `\ud800` escape can smuggle in a lone surrogate that
+the tokenizer chokes on). Values are the front door's to check (gateway/front_door.py): the
+limits of gateway/request_limits.py, which apply to gRPC requests too, are declared here only
+for the OpenAPI document. Fields OpenAI defines but we do not implement (penalties, logit bias,
+echo, suffix, best_of, top alternatives in logprobs, tools) are accepted at their neutral value
+and refused otherwise (`unsupported_field`), so a client never gets an answer to a question it
+did not ask.
 """
 
 from __future__ import annotations
@@ -19,17 +19,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.request_limits import (
-    MAX_CHOICES,
-    MAX_INT32,
-    MAX_MESSAGES,
-    MAX_N,
-    MAX_STOP,
-    MAX_STOP_CHARS,
-    MAX_STOP_TOKEN_IDS,
+    LOGPROBS,
+    MAX_TOKENS,
+    MESSAGES,
+    STOP,
+    STOP_CHARS,
+    STOP_TOKEN_IDS,
+    TEMPERATURE,
+    TOKEN_ID,
+    TOP_K,
+    TOP_LOGPROBS,
+    Bound,
+    N,
 )
-from workers.sampling_params import MAX_SEED, MIN_SEED, SamplingParams
+from workers.sampling_params import MAX_SEED, MIN_SEED
 
-__all__ = ["MAX_CHOICES", "MAX_N", "MAX_STOP"]  # re-exported: the ingress reads them from here
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 Prompt = str | list[int]  # one prompt: text, or token ids used as given
@@ -49,9 +53,14 @@ def _unicode(text: str) -> str:
     return text
 
 
+def declared(bound: Bound, default: Any = None) -> Any:
+    """A field whose `bound` the OpenAPI document declares; the front door enforces it."""
+    return Field(default, json_schema_extra=bound.json_schema())
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS), AfterValidator(_unicode)]
-TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+StopString = Annotated[str, Field(json_schema_extra=STOP_CHARS.json_schema()), AfterValidator(_unicode)]
+TokenId = Annotated[int, Field(json_schema_extra=TOKEN_ID.json_schema())]
 
 
 class _StrictRequest(BaseModel):
@@ -66,14 +75,14 @@ class SamplingFields(_StrictRequest):
     """Fields both endpoints share; `null` means "the default" throughout, as with OpenAI."""
 
     model: Text
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = declared(TEMPERATURE)
     top_p: float | None = None
-    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)  # vLLM's extension: -1 or 0 is off
+    top_k: int | None = declared(TOP_K)  # vLLM's extension: -1 or 0 is off
     min_p: float | None = None  # vLLM's extension
-    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
-    stop: StopString | list[StopString] | None = None
-    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # vLLM's extension
-    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, json_schema_extra={"minimum": MIN_SEED, "maximum": MAX_SEED})
+    stop: StopString | list[StopString] | None = declared(STOP)
+    stop_token_ids: list[TokenId] | None = declared(STOP_TOKEN_IDS)  # vLLM's extension
+    n: int = declared(N, 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension
@@ -81,13 +90,6 @@ class SamplingFields(_StrictRequest):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: Text | None = None  # accepted and ignored
-
-    @field_validator("stop")
-    @classmethod
-    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings")
-        return stop
 
     @property
     def include_usage(self) -> bool:
@@ -105,8 +107,9 @@ class SamplingFields(_StrictRequest):
             return "stream_options"
         return None
 
-    def sampling_params(self, *, max_tokens: int, logprobs: bool, choice: int = 0) -> SamplingParams:
-        """Raises `SamplingParamsError` (its `field` is the OpenAI parameter name) on a bad value.
+    def sampling_values(self, *, max_tokens: int, logprobs: bool, choice: int = 0) -> dict[str, Any]:
+        """The `SamplingParams` fields of one choice: the fields this request sets (null: the
+        default) and the ones the endpoint decides; the front door checks and builds them.
 
         Each of the n choices gets its own seed (seed + choice, wrapped into range): with one seed
         for all, n > 1 would return n copies of the same text.
@@ -114,24 +117,18 @@ class SamplingFields(_StrictRequest):
         seed = self.seed
         if seed is not None and choice and MIN_SEED <= seed <= MAX_SEED:
             seed = MIN_SEED + (seed + choice - MIN_SEED) % (MAX_SEED - MIN_SEED + 1)
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=-1 if self.top_k is None else self.top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
-            seed=seed,
-            stop=self.stop or (),
-            stop_token_ids=self.stop_token_ids or (),
-            ignore_eos=self.ignore_eos,
-            logprobs=logprobs,
-        )
+        optional = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                    "min_p": self.min_p, "seed": seed}
+        return {name: value for name, value in optional.items() if value is not None} | {
+            "max_tokens": max_tokens, "stop": () if self.stop is None else self.stop,
+            "stop_token_ids": self.stop_token_ids or (),
+            "ignore_eos": self.ignore_eos, "logprobs": logprobs}
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)  # None: DEFAULT_COMPLETION_MAX_TOKENS
-    logprobs: int | None = Field(None, ge=0, le=5)  # only 0 (the sampled token's) is implemented
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    max_tokens: int | None = declared(MAX_TOKENS)  # None: DEFAULT_COMPLETION_MAX_TOKENS
+    logprobs: int | None = declared(LOGPROBS)  # only 0 (the sampled token's) is implemented
     echo: bool = False
     suffix: Text | None = None
     best_of: int | None = None
@@ -140,16 +137,13 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _prompt_shape(cls, value: Any, handler: Any) -> Any:
         try:
-            prompt = handler(value)
+            return handler(value)
         except ValidationError:
-            raise ValueError("prompt must be a string, a list of strings, a list of token ids in "
-                             f"[0, {MAX_INT32}], or a list of token-id lists; strings valid Unicode"
-                             ) from None
-        if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
-            raise ValueError("prompt must not be empty")
-        return prompt
+            raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list "
+                             "of token-id lists; strings valid Unicode") from None
 
     def prompts(self) -> list[Prompt]:
+        """The prompts, one per entry ([] for an empty list: the front door refuses it)."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
@@ -181,13 +175,13 @@ class ChatMessage(_StrictRequest):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    messages: list[ChatMessage] = declared(MESSAGES, ...)
     # max_tokens is deprecated by OpenAI in favour of max_completion_tokens; None (both): the rest
     # of the context.
-    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_tokens: int | None = declared(MAX_TOKENS)
+    max_completion_tokens: int | None = declared(MAX_TOKENS)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)  # only 0 is implemented
+    top_logprobs: int | None = declared(TOP_LOGPROBS)  # only 0 is implemented
     tools: list[Any] | None = None
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from pydantic import BaseModel
 
 from cluster.request_output import RequestOutput
-from gateway.errors import APIError
+from gateway.errors import api_error
 from gateway.protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -29,6 +29,7 @@ from gateway.protocol import (
     CompletionResponse,
     Usage,
 )
+from gateway.refusal import Refusal
 from workers.tokenizer import Tokenizer
 
 DONE = "data: [DONE]\n\n"
@@ -175,8 +176,8 @@ async def sse_events(view: ResponseView, outputs: AsyncIterator[tuple[int, Reque
                 yield _data(chunk.model_dump(mode="json"))
         if include_usage:
             yield _data(view.usage_chunk().model_dump(mode="json"))
-    except APIError as exc:
-        yield _data(exc.body())
+    except Refusal as refused:  # the engine failed after the stream had started
+        yield _data(api_error(refused).body())
     finally:
         await outputs.aclose()
     yield DONE

@@ -43,7 +43,6 @@ def http_routes(server: Server) -> list[tuple[str, str]]:
     ingress = object.__new__(Ingress.func_or_class)  # the attributes the app builder reads, no engine
     ingress.options = IngressOptions(model_dir=server.model_dir, model_name=server.model_name,
                                      api_key=server.api_key)
-    ingress.api_key = server.api_key
     app = ingress.__serve_build_asgi_app__()
     routes = []
     for route in app.routes:

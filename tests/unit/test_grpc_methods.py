@@ -1,7 +1,8 @@
-"""The gRPC mixin without Ray: a fake engine handle and a fake Serve gRPC context.
+"""The gRPC service without Ray: a fake engine handle and a fake Serve gRPC context.
 
 The e2e tests (tests/e2e/test_grpc.py) drive the same methods through Serve's gRPC proxy; these
-pin the mapping from requests, engine outputs and engine errors to messages and status codes.
+pin the mapping from requests, engine outputs and engine errors to messages and status codes
+(that HTTP refuses the same requests with the same messages: tests/unit/test_front_door.py).
 """
 
 from __future__ import annotations
@@ -17,96 +18,22 @@ from ray.serve.exceptions import BackPressureError
 
 from cluster.request_output import RequestOutput
 from gateway import grpc_stubs
-from gateway.grpc_methods import GrpcError, GrpcMethods, engine_error, sampling_params
+from gateway.engine_failures import classify
+from gateway.front_door import FrontDoor, ServingLimits, grpc_sampling_values
+from gateway.grpc_methods import GrpcService
+from gateway.grpc_status import GrpcError, grpc_error
 from gateway.grpc_stubs import moe_serve_pb2 as pb
-from workers.sampling_params import SamplingParamsError
+from tests.unit.gateway_fakes import FakeContext, FakeEngine
+from workers.sampling_params import SamplingParams, SamplingParamsError
 from workers.tokenizer import Tokenizer
 
 KEY = "sk-test"
 
 
-class FakeContext:
-    """The part of `RayServegRPCContext` the mixin uses."""
-
-    def __init__(self, metadata=()):
-        self._metadata = list(metadata)
-        self._code = None
-        self._details = None
-
-    def invocation_metadata(self):
-        return self._metadata
-
-    def set_code(self, code):
-        self._code = code
-
-    def set_details(self, details):
-        self._details = details
-
-    def code(self):
-        return self._code
-
-    def details(self):
-        return self._details
-
-
-class _Method:
-    def __init__(self, fn):
-        self.remote = fn
-
-
-class FakeStream:
-    """A DeploymentResponseGenerator: an async iterator that can be cancelled."""
-
-    def __init__(self, gen, engine):
-        self.gen = gen
-        self.engine = engine
-
-    def __aiter__(self):
-        return self.gen
-
-    def cancel(self):
-        self.engine.cancelled += 1
-
-
-class FakeEngine:
-    """A DeploymentHandle to an engine that streams `outputs` for every request (one per step)."""
-
-    def __init__(self, outputs=(), ready=True, error: Exception | None = None):
-        self.outputs = list(outputs)
-        self.is_ready = ready
-        self.error = error
-        self.requests, self.aborted = [], []
-        self.cancelled = 0
-        self.generate = _Method(lambda gen: FakeStream(self._generate(gen), self))
-        self.abort = _Method(self.aborted.append)
-        self.ready = _Method(self._ready)
-
-    def options(self, stream: bool):
-        assert stream
-        return self
-
-    async def _generate(self, gen):
-        self.requests.append(gen)
-        if self.error is not None:
-            raise self.error
-        for out in self.outputs:
-            await asyncio.sleep(0)
-            yield out
-
-    async def _ready(self):
-        if isinstance(self.is_ready, Exception):
-            raise self.is_ready
-        return self.is_ready
-
-
-class Ingress(GrpcMethods):
-    def __init__(self, engine, tokenizer, api_key=KEY):
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.model_name = "demo"
-        self.max_model_len = 64
-        self.vocab_size = tokenizer.vocab_size
-        self.api_key = api_key
+def grpc_service(engine, tokenizer, api_key=KEY) -> GrpcService:
+    """An ingress replica's gRPC service: model "demo" with a context of 64 tokens."""
+    limits = ServingLimits(model_name="demo", max_model_len=64, vocab_size=tokenizer.vocab_size)
+    return GrpcService(FrontDoor(tokenizer, limits), engine, api_key)
 
 
 def outputs(token_ids, texts, finish_reason="length", num_prompt_tokens=3):
@@ -142,7 +69,7 @@ async def collect_stream(ingress, req, ctx):
 
 def test_generate_joins_the_stream_and_reports_usage(tokenizer):
     engine = FakeEngine(outputs([5, 6, 7], ["a", "b", "c"], finish_reason="stop"))
-    ingress = Ingress(engine, tokenizer)
+    ingress = grpc_service(engine, tokenizer)
     ctx = authed()
     resp = run(ingress.Generate(request("Hello", temperature=0, logprobs=True), ctx))
     assert ctx.code() is None
@@ -157,12 +84,16 @@ def test_generate_joins_the_stream_and_reports_usage(tokenizer):
 
 
 def test_stream_sends_deltas_and_finishes_on_the_last_message(tokenizer):
-    ingress = Ingress(FakeEngine(outputs([5, 6], ["x", "y"])), tokenizer)
+    ingress = grpc_service(FakeEngine(outputs([5, 6], ["x", "y"])), tokenizer)
     msgs = run(collect_stream(ingress, request(), authed()))
     assert [(list(m.token_ids), m.text) for m in msgs] == [([5], "x"), ([6], "y")]
     assert [m.finish_reason for m in msgs] == [pb.FINISH_REASON_UNSPECIFIED, pb.FINISH_REASON_LENGTH]
     assert not msgs[0].HasField("usage") and msgs[1].usage.total_tokens == 5
     assert all(not m.logprobs for m in msgs)  # not asked for
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    return SamplingParams(**grpc_sampling_values(msg))
 
 
 def test_unset_sampling_fields_take_the_defaults_and_zero_is_a_value():
@@ -174,21 +105,25 @@ def test_unset_sampling_fields_take_the_defaults_and_zero_is_a_value():
         sampling_params(pb.SamplingParams(top_p=0))  # explicitly 0: invalid, not "unset"
 
 
+# The details are the HTTP messages (one front door): out-of-vocabulary ids are "token id ...
+# outside the vocabulary" and an overlong prompt "maximum context length", no longer gRPC's own
+# "token_ids: ..." and "sampling.max_tokens: ...".
 @pytest.mark.parametrize("req, field", [
     (request(temperature=-1), "temperature"),
+    (request(temperature=9), "temperature"),  # OpenAI's range [0, 2], as over HTTP
     (request(top_p=1.5), "top_p"),
     (request(max_tokens=0), "max_tokens"),
     (request(top_k=-2), "top_k"),
     (request(stop=[""]), "stop"),
     (pb.GenerateRequest(), "prompt"),
     (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[])), "prompt"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, -1])), "token_ids"),
-    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**9])), "token_ids"),
-    (request("word " * 100), "max_tokens"),  # prompt + max_tokens beyond max_model_len
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, -1])), "outside the vocabulary"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**9])), "outside the vocabulary"),
+    (request("word " * 100), "maximum context length"),  # prompt + max_tokens beyond max_model_len
 ])
 def test_bad_requests_are_invalid_argument_and_never_reach_the_engine(tokenizer, req, field):
     engine = FakeEngine()
-    ingress = Ingress(engine, tokenizer)
+    ingress = grpc_service(engine, tokenizer)
     ctx = authed()
     assert run(ingress.Generate(req, ctx)) == pb.GenerateResponse()
     assert ctx.code() == grpc.StatusCode.INVALID_ARGUMENT and field in ctx.details()
@@ -204,7 +139,7 @@ def test_bad_requests_are_invalid_argument_and_never_reach_the_engine(tokenizer,
     [], [("authorization", "Bearer wrong")], [("authorization", KEY)], [("authorization", f"Basic {KEY}")],
 ])
 def test_a_missing_or_wrong_key_is_unauthenticated(tokenizer, metadata):
-    ingress = Ingress(FakeEngine(outputs([5], ["a"])), tokenizer)
+    ingress = grpc_service(FakeEngine(outputs([5], ["a"])), tokenizer)
     for call, empty in ((ingress.Generate, pb.GenerateResponse()),
                         (ingress.ListModels, pb.ListModelsResponse())):
         ctx = FakeContext(metadata)
@@ -214,15 +149,16 @@ def test_a_missing_or_wrong_key_is_unauthenticated(tokenizer, metadata):
 
 def test_the_key_is_optional_when_none_is_set_and_the_scheme_is_case_insensitive(tokenizer):
     ctx = FakeContext()
-    resp = run(Ingress(FakeEngine(outputs([5], ["a"])), tokenizer, api_key=None).Generate(request(), ctx))
+    open_service = grpc_service(FakeEngine(outputs([5], ["a"])), tokenizer, api_key=None)
+    resp = run(open_service.Generate(request(), ctx))
     assert ctx.code() is None and resp.text == "a"
     ctx = FakeContext([("authorization", f"bearer {KEY}")])
-    resp = run(Ingress(FakeEngine(outputs([5], ["a"])), tokenizer).Generate(request(), ctx))
+    resp = run(grpc_service(FakeEngine(outputs([5], ["a"])), tokenizer).Generate(request(), ctx))
     assert ctx.code() is None and resp.text == "a"
 
 
 def test_list_models_and_unknown_model(tokenizer):
-    ingress = Ingress(FakeEngine(outputs([5], ["a"])), tokenizer)
+    ingress = grpc_service(FakeEngine(outputs([5], ["a"])), tokenizer)
     models = run(ingress.ListModels(pb.ListModelsRequest(), authed())).models
     assert [(m.id, m.max_model_len) for m in models] == [("demo", 64)]
     ctx = authed()
@@ -239,9 +175,9 @@ def test_list_models_and_unknown_model(tokenizer):
     (RuntimeError("bug"), grpc.StatusCode.INTERNAL),
 ])
 def test_engine_exceptions_map_to_status_codes(tokenizer, exc, code):
-    assert engine_error(exc).code == code
+    assert grpc_error(classify(exc)).code == code
     ctx = authed()
-    run(Ingress(FakeEngine(error=exc), tokenizer).Generate(request(), ctx))
+    run(grpc_service(FakeEngine(error=exc), tokenizer).Generate(request(), ctx))
     assert ctx.code() == code
 
 
@@ -249,7 +185,7 @@ def test_an_engine_failure_mid_stream_is_unavailable(tokenizer):
     outs = outputs([5], ["a"])
     failed = RequestOutput(request_id="r", token_ids=(), text="", logprobs=(), num_prompt_tokens=3,
                            num_output_tokens=1, finished=True, finish_reason="error", error="worker died")
-    ingress = Ingress(FakeEngine([*outs[:1], failed]), tokenizer)
+    ingress = grpc_service(FakeEngine([*outs[:1], failed]), tokenizer)
     ctx = authed()
     with pytest.raises(GrpcError):
         run(collect_stream(ingress, request(), ctx))
@@ -259,14 +195,14 @@ def test_an_engine_failure_mid_stream_is_unavailable(tokenizer):
 def test_a_stream_that_ends_unfinished_is_unavailable_and_aborted(tokenizer):
     engine = FakeEngine(outputs([5, 6], ["a", "b"])[:1])
     ctx = authed()
-    run(Ingress(engine, tokenizer).Generate(request(), ctx))
+    run(grpc_service(engine, tokenizer).Generate(request(), ctx))
     assert ctx.code() == grpc.StatusCode.UNAVAILABLE
     assert engine.aborted == [engine.requests[0].request_id]
 
 
 def test_a_client_that_leaves_early_aborts_the_engine_request(tokenizer):
     engine = FakeEngine(outputs(list(range(5, 15)), ["t"] * 10))
-    ingress = Ingress(engine, tokenizer)
+    ingress = grpc_service(engine, tokenizer)
 
     async def read_one_then_hang_up():
         stream = ingress.GenerateStream(request(), authed())
@@ -294,7 +230,7 @@ def test_a_client_that_leaves_early_aborts_the_engine_request(tokenizer):
     (RuntimeError("replica died"), health_pb2.HealthCheckResponse.NOT_SERVING),
 ])
 def test_health_follows_engine_readiness_without_a_key(tokenizer, ready, status):
-    ingress = Ingress(FakeEngine(ready=ready), tokenizer)
+    ingress = grpc_service(FakeEngine(ready=ready), tokenizer)
     for service in ("", "moe_serve.v1.MoeServe"):
         ctx = FakeContext()
         assert run(ingress.Check(health_pb2.HealthCheckRequest(service=service), ctx)).status == status
@@ -311,7 +247,7 @@ def test_health_follows_engine_readiness_without_a_key(tokenizer, ready, status)
 
 
 def test_health_of_an_unknown_service(tokenizer):
-    ingress = Ingress(FakeEngine(), tokenizer)
+    ingress = grpc_service(FakeEngine(), tokenizer)
     ctx = FakeContext()
     run(ingress.Check(health_pb2.HealthCheckRequest(service="nope"), ctx))
     assert ctx.code() == grpc.StatusCode.NOT_FOUND
@@ -325,7 +261,7 @@ def test_health_of_an_unknown_service(tokenizer):
 def test_logprobs_unknown_to_the_engine_are_nan(tokenizer):
     out = RequestOutput(request_id="r", token_ids=(5,), text="a", logprobs=(None,), num_prompt_tokens=1,
                         num_output_tokens=1, finished=True, finish_reason="stop")
-    resp = run(Ingress(FakeEngine([out]), tokenizer).Generate(request(logprobs=True), authed()))
+    resp = run(grpc_service(FakeEngine([out]), tokenizer).Generate(request(logprobs=True), authed()))
     assert math.isnan(resp.logprobs[0])
 
 

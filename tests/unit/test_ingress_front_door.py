@@ -14,8 +14,9 @@ import pytest
 
 from cluster.request_output import RequestOutput
 from gateway import errors, ingress
-from gateway.ingress import Ingress, IngressOptions
+from gateway.ingress import Ingress
 from gateway.request_limits import max_prompt_chars
+from tests.unit import gateway_fakes
 from workers.tokenizer import Tokenizer
 
 MODEL = "demo"
@@ -112,20 +113,7 @@ class GatedTokenizer:
 
 def make_ingress(tokenizer, engine: FakeEngine) -> Ingress:
     """An Ingress replica's state without Serve (its __init__ asks the engine through Ray)."""
-    self = object.__new__(Ingress.func_or_class)
-    self.engine = engine
-    self.options = IngressOptions(model_dir="unused", model_name=MODEL)
-    self.tokenizer = tokenizer
-    self.model_name = MODEL
-    self.api_key = None
-    self.max_model_len = MAX_MODEL_LEN
-    self.vocab_size = tokenizer.vocab_size
-    self.max_prompt_chars = max_prompt_chars(MAX_MODEL_LEN,
-                                             tokenizer.backend.get_vocab(with_added_tokens=True))
-    self.max_request_bytes = self.options.max_body_bytes
-    self.request_timeout_s = None
-    self.created = 0
-    return self
+    return gateway_fakes.make_ingress(tokenizer, engine, model_name=MODEL, max_model_len=MAX_MODEL_LEN)
 
 
 def client(ing: Ingress) -> httpx.AsyncClient:

@@ -68,9 +68,11 @@ def test_grpc_status_of_each_refusal(exc, code):
     import grpc
     from ray.exceptions import RayTaskError
 
-    from gateway.grpc_methods import engine_error
+    from gateway.engine_failures import classify
+    from gateway.grpc_status import grpc_error
 
-    assert engine_error(exc).code == getattr(grpc.StatusCode, code)
+    status = getattr(grpc.StatusCode, code)
+    assert grpc_error(classify(exc)).code == status
     # As the ingress sees it: raised in the engine replica, re-raised by Ray.
     wrapped = RayTaskError("generate", "Traceback ...", exc).as_instanceof_cause()
-    assert isinstance(wrapped, type(exc)) and engine_error(wrapped).code == getattr(grpc.StatusCode, code)
+    assert isinstance(wrapped, type(exc)) and grpc_error(classify(wrapped)).code == status

@@ -1,5 +1,6 @@
 """The pure parts of input hardening, without a server: limits, clipping, the auth middleware,
-the OpenAPI rewrite and tolerant protobuf parsing (the live-server tests are in tests/e2e/)."""
+the OpenAPI rewrite and tolerant protobuf parsing (the live-server tests are in tests/e2e/; every
+limit over both protocols: tests/unit/test_front_door.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
-from gateway import errors
+from gateway import errors, refusal
 from gateway.auth import BearerAuthMiddleware, route_path
+from gateway.front_door import FrontDoor, ServingLimits
 from gateway.grpc_parsing import MalformedMessage, tolerant
 from gateway.openapi_doc import error_responses
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.request_limits import MAX_STOP_CHARS, max_prompt_chars
+from gateway.refusal import Refusal
+from gateway.request_limits import max_prompt_chars
+from workers.tokenizer import Tokenizer
 
 
 def test_max_prompt_chars_is_the_context_times_the_longest_token():
@@ -21,9 +25,13 @@ def test_max_prompt_chars_is_the_context_times_the_longest_token():
     assert max_prompt_chars(10, []) == 10
 
 
-def test_the_bound_never_refuses_a_prompt_that_fits(demo_tokenizer_dir):
-    from workers.tokenizer import Tokenizer
+@pytest.fixture(scope="module")
+def front_door(demo_tokenizer_dir) -> FrontDoor:
+    tok = Tokenizer.from_dir(demo_tokenizer_dir)
+    return FrontDoor(tok, ServingLimits(model_name="m", max_model_len=4096, vocab_size=tok.vocab_size))
 
+
+def test_the_bound_never_refuses_a_prompt_that_fits(demo_tokenizer_dir):
     tok = Tokenizer.from_dir(demo_tokenizer_dir)
     limit = max_prompt_chars(1, tok.backend.get_vocab(with_added_tokens=True))
     for text in ["The", " the", "      ", "ünïcödé", "<s>", "1234567890" * 3]:
@@ -32,45 +40,60 @@ def test_the_bound_never_refuses_a_prompt_that_fits(demo_tokenizer_dir):
 
 
 def test_clip_bounds_echoes_and_messages():
-    assert errors.clip("short") == "short"
-    assert len(errors.clip("x" * 1000)) == errors.MAX_ECHO_CHARS
-    echo = errors.MAX_ECHO_CHARS
-    assert errors.clip_value("stop must be ..., got 'QQQQ" + "Q" * 500 + "'").count("Q") < echo
-    assert errors.clip_value("roles must alternate; got 'R" + "R" * 500).count("R") < echo + 5
-    assert len(errors.bad_request("m" * 10_000).message) == errors.MAX_MESSAGE_CHARS
-    assert "M" * errors.MAX_ECHO_CHARS not in errors.model_not_found("M" * 5000).message
+    assert refusal.clip("short") == "short"
+    assert len(refusal.clip("x" * 1000)) == refusal.MAX_ECHO_CHARS
+    echo = refusal.MAX_ECHO_CHARS
+    assert refusal.clip_value("stop must be ..., got 'QQQQ" + "Q" * 500 + "'").count("Q") < echo
+    assert refusal.clip_value("roles must alternate; got 'R" + "R" * 500).count("R") < echo + 5
+    assert len(refusal.invalid(None, "m" * 10_000).message) == refusal.MAX_MESSAGE_CHARS
+    assert len(errors.APIError(400, "m" * 10_000).message) == refusal.MAX_MESSAGE_CHARS
+    assert "M" * refusal.MAX_ECHO_CHARS not in refusal.unknown_model("M" * 5000, "demo").message
+    assert refusal.invalid("top_k", "top_k must be ..., got " + "9" * 5000).message.count("9") < echo
 
 
 def test_validation_messages_name_fields_not_union_members():
     with pytest.raises(ValidationError) as err:
-        CompletionRequest.model_validate({"model": "m", "prompt": "p", "stop": ["x" * (MAX_STOP_CHARS + 1)]})
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", "stop": [1]})
     message = errors.validation_error(err.value.errors()).message
-    assert "function-after" not in message and "stop" in message and "256" in message
+    assert "function-after" not in message and "stop" in message and "valid string" in message
     with pytest.raises(ValidationError) as err:
         CompletionRequest.model_validate({"model": "m", "prompt": "p", "logit_bias": {"K" * 5000: "x"}})
-    assert "K" * errors.MAX_ECHO_CHARS not in errors.validation_error(err.value.errors()).message
+    assert "K" * refusal.MAX_ECHO_CHARS not in errors.validation_error(err.value.errors()).message
     json_error = errors.validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "bad"}])
     assert json_error.code == "invalid_json" and json_error.param is None
 
 
 @pytest.mark.parametrize("fields", [
-    {"temperature": float("nan")}, {"top_p": float("inf")}, {"max_tokens": 2**31}, {"seed": 2**64},
-    {"top_k": -2}, {"stop": [""]}, {"stop": ["s"] * 17}, {"stop_token_ids": list(range(65))},
-    {"prompt": "\ud800"}, {"model": "\udfff"}, {"prompt": [2**31]}, {"user": "a\ud800"},
+    {"temperature": float("nan")}, {"top_p": float("inf")}, {"prompt": "\ud800"}, {"model": "\udfff"},
+    {"user": "a\ud800"},
 ], ids=repr)
-def test_the_schema_refuses_what_the_engine_should_never_see(fields):
+def test_the_schema_refuses_what_is_no_number_or_no_text(fields):
     with pytest.raises(ValidationError):
         CompletionRequest.model_validate({"model": "m", "prompt": "p", **fields})
 
 
-def test_chat_counts_content_characters_and_bounds_messages():
+# The limits moved from the schema to the front door, which checks gRPC requests too.
+@pytest.mark.parametrize("fields", [
+    {"max_tokens": 2**31}, {"seed": 2**64}, {"top_k": -2}, {"stop": [""]}, {"stop": ["s"] * 17},
+    {"stop_token_ids": list(range(65))}, {"prompt": [2**31]},
+], ids=repr)
+def test_the_front_door_refuses_what_the_engine_should_never_see(front_door, fields):
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "p", **fields})
+    with pytest.raises(Refusal) as err:
+        asyncio.run(front_door.completion(body, "cmpl-test", None))
+    assert err.value.field == next(iter(fields))
+
+
+def test_chat_counts_content_characters_and_bounds_messages(front_door):
     parts = [{"type": "text", "text": "de"}]
     body = ChatCompletionRequest.model_validate({"model": "m", "messages": [
         {"role": "user", "content": "abc"}, {"role": "assistant", "content": parts}]})
     assert body.num_content_chars() == 5
-    with pytest.raises(ValidationError):
-        one = {"role": "user", "content": "a"}
-        ChatCompletionRequest.model_validate({"model": "m", "messages": [one] * 513})
+    one = {"role": "user", "content": "a"}
+    body = ChatCompletionRequest.model_validate({"model": "m", "messages": [one] * 513})
+    with pytest.raises(Refusal) as err:
+        asyncio.run(front_door.chat(body, "chatcmpl-test", None))
+    assert err.value.field == "messages" and "512" in err.value.message
 
 
 def test_route_path_strips_the_serve_route_prefix():
@@ -155,20 +178,22 @@ def test_health_watches_are_bounded_in_number_and_time(monkeypatch):
     from grpc_health.v1 import health_pb2
 
     from gateway import grpc_methods
+    from gateway.grpc_status import GrpcError
 
     monkeypatch.setattr(grpc_methods, "HEALTH_WATCH_INTERVAL_S", 0.01)
 
-    class Ingress(grpc_methods.GrpcMethods):
+    class Service(grpc_methods.GrpcService):
         async def _serving_status(self):
             return health_pb2.HealthCheckResponse.SERVING
 
     async def main():
-        ingress, request = Ingress(), health_pb2.HealthCheckRequest()
+        ingress = Service(front_door=None, engine=None, api_key=None)
+        request = health_pb2.HealthCheckRequest()
         watches = [ingress.Watch(request, FakeContext()) for _ in range(grpc_methods.MAX_HEALTH_WATCHES)]
         for watch in watches:
             assert (await anext(watch)).status == health_pb2.HealthCheckResponse.SERVING
         context = FakeContext()
-        with pytest.raises(grpc_methods.GrpcError):
+        with pytest.raises(GrpcError):
             await anext(ingress.Watch(request, context))
         assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         await watches.pop().aclose()  # a client that hangs up frees its slot
