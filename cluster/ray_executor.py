@@ -1,19 +1,29 @@
 """The Ray executor: a model group of A attention workers + X expert workers, one bundle each.
 
-The engine drives the group with one Ray call per worker per step (`execute`); all
-per-layer traffic stays inside the workers' all-to-all collectives. It implements the
-`Executor` protocol of cluster/executor.py.
+How a step reaches the workers (`control`):
+- "channel" (the default): every worker runs a long-lived step loop, started by Ray calls at
+  set-up (cluster/step_loops.py); each step is written once into a shared-memory ring for the
+  workers on the engine's node, and sent over TCP to those on other nodes; results come back
+  on each worker's socket (cluster/step_broadcast.py). No Ray call per step.
+- "ray": one Ray actor call per worker per step (`execute_over_ray`), the reference path; it
+  works on a "channel" group too (benchmarks compare both on the same workers).
+Either way all per-layer traffic stays inside the workers' all-to-all collectives. Ray calls
+carry set-up, recovery, stats and shutdown. It implements the `Executor` protocol of
+cluster/executor.py.
 
-Faults (DESIGN.md §5). `execute` is also the step watchdog: a worker that died, a
-collective that raised, or a step that did not finish within `step_timeout_s` (a peer
-stopped mid-collective) becomes a `WorkerFailed` naming the worker (cluster/fault_diagnosis.py).
-`recover` then replaces the whole group in its bundles (cluster/group_restart.py).
+Faults (DESIGN.md §5). A step is also the watchdog: a worker that died (its Ray call, or its
+step loop's, fails with RayActorError; on the channel its socket closes first), a step that
+raised (a Ray task error, or the failure its loop reports back), or a step that did not finish
+within `step_timeout_s` (a peer stopped mid-collective) becomes a `WorkerFailed` naming the
+worker (cluster/fault_diagnosis.py). `recover` then replaces the whole group in its bundles
+(cluster/group_restart.py), and the new workers start their loops again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -24,6 +34,8 @@ from cluster.fault_diagnosis import Roster, diagnose
 from cluster.group_restart import restart_group
 from cluster.ray_await import awaited
 from cluster.reservation import Reservation, reserve
+from cluster.step_broadcast import StepChannelClosed
+from cluster.step_loops import StepLoops, open_step_loops, open_step_loops_async
 from cluster.topology import TopologyConfig, worker_bundles
 from cluster.worker_fault import WorkerFailed, WorkerFault
 from workers.attention_worker import AttentionWorker
@@ -32,26 +44,34 @@ from workers.collective_backend import RankDevice, choose_backend, describe_choi
 from workers.device_memory import MemoryReport
 from workers.expert_worker import ExpertWorker
 from workers.group_spec import GroupSpec
+from workers.step_message import StepMessage
 from workers.step_output import StepOutput
 
 log = logging.getLogger(__name__)
 
 FAILURE_GRACE_S = 2.0  # after the first error, how long the others get to report theirs
+CONTROLS = ("channel", "ray")  # how a step reaches the workers; see the module's docstring
 
 
 class RayExecutor:
     """Same members as LocalExecutor; its workers can fail, and `recover` replaces them."""
 
     def __init__(self, spec: GroupSpec, topology: TopologyConfig, reservation: Reservation | None = None,
-                 ready_timeout_s: float = 300.0, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S) -> None:
+                 ready_timeout_s: float = 300.0, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+                 control: str = "channel") -> None:
         if (topology.num_attention_workers, topology.world_size) != (spec.num_attention_workers,
                                                                      spec.world_size):
             raise ValueError("topology and group spec disagree on worker counts")
         if step_timeout_s <= 0:
             raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
         self.spec = spec
         self.topology = topology
         self.step_timeout_s = step_timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self.control = control
+        self.loops: StepLoops | None = None  # the workers' step loops ("channel" only)
         self.reservation = reservation or reserve(topology)
         self.num_attention_workers = spec.num_attention_workers
         self._start_all()
@@ -61,6 +81,9 @@ class RayExecutor:
         self.rendezvous = (addr, port)
         ray.get([w.join.remote(addr, port, self.backend) for w in self.workers], timeout=ready_timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in self.where()}
+        if control == "channel":
+            self.loops = open_step_loops(self.workers, self._node_list(), self.num_attention_workers,
+                                         ready_timeout_s)
 
     def _choose_backend(self, devices: list[RankDevice]) -> str:
         """The backend every rank will join with; logged once per group formed."""
@@ -83,7 +106,9 @@ class RayExecutor:
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
         actor = ray.remote(cls).options(
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0), resources=custom or None,
-            scheduling_strategy=strategy, max_concurrency=2,  # 2: probes answer during a step
+            # 3 threads: the step loop (all along), a Ray-call step (the reference path), and probes
+            # and stats, which must answer while a step is stuck in a collective.
+            scheduling_strategy=strategy, max_concurrency=3,
             name=None,
         )
         return actor.remote(self.spec, rank)
@@ -92,24 +117,48 @@ class RayExecutor:
         return self.topology.rank_kind(rank)
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
-        refs = [w.execute.remote(b) for w, b in zip(self.attention, batches, strict=True)]
+        if self.loops is not None:
+            return await self.execute_over_channel(batches)
+        return await self.execute_over_ray(batches)
+
+    async def execute_over_channel(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
+        """One step through the workers' step loops: no Ray call."""
+        loops = self.loops
+        if loops is None:
+            raise RuntimeError("this group was started with control='ray': it runs no step loops")
         # Expert workers follow the mode every attention worker's batch carries (cluster/dispatch_mode.py).
+        seq = loops.broadcast.publish(StepMessage(batches[0].low_latency_tokens, batches))
+        calls = [asyncio.ensure_future(loops.broadcast.result(rank, seq))
+                 for rank in range(self.spec.world_size)]
+        return await self._finish_step(calls, loops.ended())
+
+    async def execute_over_ray(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
+        """One step as one Ray actor call per worker: the reference control path."""
+        refs = [w.execute.remote(b) for w, b in zip(self.attention, batches, strict=True)]
         refs += [w.execute.remote(batches[0].low_latency_tokens) for w in self.experts]
-        calls = [asyncio.ensure_future(awaited(ref)) for ref in refs]
-        done, pending = await asyncio.wait(calls, timeout=self.step_timeout_s,
-                                           return_when=asyncio.FIRST_EXCEPTION)
-        if not pending:
-            failed = [c for c in calls if c.exception() is not None]
-            if not failed:
-                return tuple(c.result() for c in calls[: self.num_attention_workers])
-            stalled = False
-        else:
-            stalled = not any(c.exception() is not None for c in done)
+        return await self._finish_step([asyncio.ensure_future(awaited(ref)) for ref in refs], ())
+
+    async def _finish_step(self, calls: list[asyncio.Future], ended: Sequence[asyncio.Future]
+                           ) -> tuple[StepOutput, ...]:
+        """The step's results, or WorkerFailed. `calls`: each rank's result; `ended`: each rank's
+        step loop, which only ever ends with an error (none on the Ray-call path)."""
+        step = asyncio.gather(*calls)
+        step.add_done_callback(_retrieve)  # a failed step's errors are read from `calls`
+        try:
+            done, _ = await asyncio.wait([step, *ended], timeout=self.step_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if step in done and step.exception() is None:
+                return tuple(step.result()[: self.num_attention_workers])
+            stalled = not done
             if not stalled:  # one failed: the dead peer's own error usually follows at once
-                await asyncio.wait(pending, timeout=FAILURE_GRACE_S)
-        for c in calls:
-            if not c.done():
-                c.cancel()  # the actors are replaced; nobody waits for these any more
+                await asyncio.wait([c for c in calls if not c.done()] + _deaths_to_come(calls, ended),
+                                   timeout=FAILURE_GRACE_S)
+        finally:
+            for c in calls:
+                if not c.done():
+                    c.cancel()  # the actors are replaced; nobody waits for these any more
+        if ended:  # a rank whose loop ended says why (it died) better than its unanswered step
+            calls = [e if e.done() and not e.cancelled() else c for c, e in zip(calls, ended, strict=True)]
         raise WorkerFailed(await diagnose(calls, self.workers, self._roster(), stalled=stalled,
                                           step_timeout_s=self.step_timeout_s))
 
@@ -127,7 +176,9 @@ class RayExecutor:
         return tuple(self.kind_of(rank) for rank in range(self.spec.world_size))
 
     async def start_and_join(self) -> list[dict]:
-        """Start every worker into its bundle, rendezvous, join; their `where()` answers."""
+        """Start every worker into its bundle, rendezvous, join, start the step loops; their
+        `where()` answers."""
+        self._close_loops()
         self._start_all()
         workers = self.workers
         devices = await asyncio.gather(*[awaited(w.rank_device.remote()) for w in workers])
@@ -135,9 +186,23 @@ class RayExecutor:
         addr, port = await awaited(workers[0].rendezvous_address.remote())
         self.rendezvous = (addr, port)
         await asyncio.gather(*[awaited(w.join.remote(addr, port, self.backend)) for w in workers])
-        return await asyncio.gather(*[awaited(w.where.remote()) for w in workers])
+        where = await asyncio.gather(*[awaited(w.where.remote()) for w in workers])
+        if self.control == "channel":
+            nodes = {info["rank"]: info.get("node_id") for info in where}
+            self.loops = await open_step_loops_async(workers, [nodes[r] for r in range(len(workers))],
+                                                     self.num_attention_workers, self.ready_timeout_s)
+        return where
+
+    def _node_list(self) -> list[str | None]:
+        return [self._nodes.get(rank) for rank in range(self.spec.world_size)]
+
+    def _close_loops(self) -> None:
+        loops, self.loops = self.loops, None
+        if loops is not None:
+            loops.close()
 
     def kill_all(self) -> None:
+        self._close_loops()
         for w in self.workers:
             ray.kill(w, no_restart=True)
 
@@ -152,6 +217,21 @@ class RayExecutor:
         return ray.get([w.dispatch_stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
+        self._close_loops()
         for w in self.workers:
             ray.kill(w)
         self.reservation.release()
+
+
+def _deaths_to_come(calls: list[asyncio.Future], ended: Sequence[asyncio.Future]) -> list[asyncio.Future]:
+    """The step loops of ranks whose socket closed: their actor's death (RayActorError), which
+    names the culprit without a probe, follows a moment later."""
+    if not ended:
+        return []
+    return [e for c, e in zip(calls, ended, strict=True) if not e.done() and c.done() and not c.cancelled()
+            and isinstance(c.exception(), StepChannelClosed)]
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()

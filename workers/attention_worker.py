@@ -18,6 +18,7 @@ from workers.kv_cache_sizing import decide_num_kv_blocks
 from workers.mixtral import MixtralModel
 from workers.model_runner import ModelRunner
 from workers.model_weights import AttentionSideWeights
+from workers.step_message import StepMessage
 from workers.step_output import StepOutput
 
 
@@ -57,3 +58,6 @@ class AttentionWorker(GroupMember):
         self.busy_seconds += time.perf_counter() - t0
         self.num_steps += 1
         return out
+
+    def run_step(self, message: StepMessage) -> StepOutput:
+        return self.execute(message.batches[self.rank])

@@ -16,6 +16,7 @@ from workers.group_spec import GroupSpec
 from workers.model_weights import experts_by_layer
 from workers.moe import experts_stage
 from workers.router import empty_routing
+from workers.step_message import StepMessage
 
 
 class ExpertWorker(GroupMember):
@@ -59,3 +60,6 @@ class ExpertWorker(GroupMember):
             rows += x_MH.shape[0]
         self.num_steps += 1
         return rows
+
+    def run_step(self, message: StepMessage) -> int:
+        return self.execute(message.low_latency_tokens)

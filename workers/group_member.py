@@ -1,5 +1,5 @@
-"""What attention and expert workers share: the one device decision, the checkpoint, and
-joining the group's process group."""
+"""What attention and expert workers share: the one device decision, the checkpoint, joining
+the group's process group, and the step loop that the engine feeds without a Ray call per step."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from workers.collective_backend import RankDevice
 from workers.device import resolve_dtype, select_device
 from workers.device_memory import check_weights_fit, cuda_memory
 from workers.group_spec import GroupSpec
+from workers.step_link import StepLink
+from workers.step_loop import serve_steps
+from workers.step_message import StepMessage, StepRoute
 from workers.transport import (
     ProcessGroupTransport,
     init_process_group,
@@ -38,6 +41,7 @@ class GroupMember:
         self.dispatcher = None  # built in on_joined()
         self.busy_seconds = 0.0
         self.num_steps = 0
+        self.step_link: StepLink | None = None  # from connect_steps() until serve_steps() takes it
 
     def check_weights_fit(self, weight_bytes: int) -> None:
         """On a GPU, before a byte is loaded: a share of the checkpoint that cannot fit fails now."""
@@ -71,6 +75,25 @@ class GroupMember:
 
     def on_joined(self) -> None:
         """Build what needs the transport (the dispatcher)."""
+
+    def connect_steps(self, route: StepRoute) -> None:
+        """Connect to the engine's step broadcast (cluster/step_loops.py); serve_steps() follows."""
+        if self.step_link is not None:
+            self.step_link.close()
+        self.step_link = StepLink.connect(route)
+
+    def serve_steps(self) -> int:
+        """Run every step the engine broadcasts until it closes the channel; the steps served.
+
+        Holds one thread of the actor all along (the actor has others for probes and stats)."""
+        link, self.step_link = self.step_link, None
+        if link is None:
+            raise RuntimeError("serve_steps() before connect_steps()")
+        return serve_steps(link, self.run_step)
+
+    def run_step(self, message: StepMessage) -> object:
+        """This worker's part of one step, as the Ray-call path's `execute` would run it."""
+        raise NotImplementedError
 
     def where(self) -> dict:
         """Where this worker runs: tests assert placement with it."""
