@@ -20,59 +20,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from tests.e2e.conftest import free_port
+from tests.serve_process import MOE_SERVE, ServeProcess
 
-MOE_SERVE = str(Path(sys.executable).with_name("moe-serve"))
 TARGET = 2.0
 READY_TIMEOUT_S = 300.0
-
-
-def serve(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [MOE_SERVE, "serve", "--model", str(model_dir), "--model-name", "demo", "--port", str(port),
-         "--grpc-port", str(free_port()), "--metrics-port", "0", "--graceful-shutdown-timeout-s", "5"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"moe-serve serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    sys.exit(f"moe-serve serve not ready within {READY_TIMEOUT_S:g} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def moe_serve_throughput(args, model_dir: Path, tmp: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve(model_dir, port, tmp / "serve.log")
+    server = ServeProcess(["--model", str(model_dir), "--model-name", "demo", "--port", str(port),
+                           "--grpc-port", str(free_port()), "--metrics-port", "0",
+                           "--graceful-shutdown-timeout-s", "5"], tmp / "serve.log")
     try:
-        wait_ready(url, proc, tmp / "serve.log")
+        server.wait_ready(url, READY_TIMEOUT_S)
         result = tmp / "bench.json"
         cmd = [MOE_SERVE, "bench", "--disable-tqdm", "--base-url", url, "--model", "demo",
                "--num-prompts", str(args.num_prompts), "--random-input-len", str(args.input_len),
@@ -83,7 +53,7 @@ def moe_serve_throughput(args, model_dir: Path, tmp: Path) -> dict:
             sys.exit(f"moe-serve bench failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         return json.loads(result.read_text())["runs"][0]
     finally:
-        stop(proc)
+        server.stop()
 
 
 def hf_throughput(args, model_dir: Path) -> tuple[float, int]:

@@ -10,19 +10,14 @@ ranks' devices, so a CPU group on a GPU node stays on gloo and answers as transf
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.e2e.conftest import free_port
+from tests.serve_process import ServeProcess
 
 REPO = Path(__file__).resolve().parents[2]
-MOE_SERVE = str(Path(sys.executable).with_name("moe-serve"))
 START_TIMEOUT_S = 240.0
 
 FAKE_CUDA = '''\
@@ -44,40 +39,17 @@ def cpu_server_on_cuda_node(tmp_path_factory, demo_model_dir):
     port, grpc_port = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
            "MOE_SERVE_TEST_FAKE_CUDA": "1", "MOE_SERVE_TEST_FAKE_CUDA_MARKS": str(marks)}
-    log = (tmp_path_factory.mktemp("serve-log") / "serve.log").open("w+")
-    proc = subprocess.Popen(
-        [MOE_SERVE, "serve", "--model", str(demo_model_dir), "--model-name", "demo", "--device", "cpu",
-         "--expert-workers", "2", "--cpus-per-worker", "0.1", "--num-kv-blocks", "128",
-         "--port", str(port), "--grpc-port", str(grpc_port), "--graceful-shutdown-timeout-s", "5"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = ServeProcess(
+        ["--model", str(demo_model_dir), "--model-name", "demo", "--device", "cpu", "--expert-workers", "2",
+         "--cpus-per-worker", "0.1", "--num-kv-blocks", "128", "--port", str(port), "--grpc-port",
+         str(grpc_port), "--metrics-port", "0", "--graceful-shutdown-timeout-s", "5"],
+        tmp_path_factory.mktemp("serve-log") / "serve.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc, log)
+        server.wait_ready(url, START_TIMEOUT_S)
         yield url, marks
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-        log.close()
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"moe-serve serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1.0)
-    log.seek(0)
-    pytest.fail(f"not ready within {START_TIMEOUT_S:g} s:\n{log.read()[-4000:]}")
+        server.stop()
 
 
 def test_cpu_group_on_a_cuda_looking_node_answers_as_transformers(cpu_server_on_cuda_node, demo_model_dir):

@@ -9,13 +9,7 @@ memory while they serve (a server that quietly fell back to the CPU would not).
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,11 +18,11 @@ from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
 from tests.e2e.conftest import free_port
 from tests.engine_helpers import run_requests
+from tests.serve_process import ServeProcess
 from workers.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 240.0
 MAX_TOKENS = 16
 NUM_PROMPTS = 8
@@ -52,55 +46,22 @@ def cpu_reference(cuda_device, demo_model_dir) -> list[dict]:
 @pytest.fixture(scope="module")
 def served(cuda_device, demo_model_dir, tmp_path_factory):
     """The server's base URL once /ready answers 200, and the GPU memory it holds; stopped after."""
-    import httpx
 
     torch.cuda.empty_cache()  # what earlier tests cached is not the server's
     free_before, _ = torch.cuda.mem_get_info(cuda_device)
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "serve", "--model", str(demo_model_dir),
-           "--attention-workers", "1", "--expert-workers", "3", "--gpus-per-worker", "0.25",
-           "--num-kv-blocks", "512", "--host", "127.0.0.1", "--port", str(port),
-           "--grpc-port", str(free_port()), "--metrics-port", "0", "--graceful-shutdown-timeout-s", "5"]
-    # Its output goes to a file: a pipe nobody reads fills up and stalls the server.
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its Ray processes go with it at the end
+    server = ServeProcess(
+        ["--model", str(demo_model_dir), "--attention-workers", "1", "--expert-workers", "3",
+         "--gpus-per-worker", "0.25", "--num-kv-blocks", "512", "--host", "127.0.0.1", "--port", str(port),
+         "--grpc-port", str(free_port()), "--metrics-port", "0", "--graceful-shutdown-timeout-s", "5"],
+        tmp_path_factory.mktemp("serve") / "serve.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, f"moe-serve serve exited {proc.returncode}:\n{tail(log)}"
-            assert time.monotonic() < deadline, f"moe-serve serve never became ready:\n{tail(log)}"
-            try:
-                if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
+        server.wait_ready(url, READY_TIMEOUT_S)
         free_serving, _ = torch.cuda.mem_get_info(cuda_device)
         yield url, free_before - free_serving
     finally:
-        stop(proc)
-
-
-def tail(path: Path, num_chars: int = 4000) -> str:
-    return path.read_text(errors="replace")[-num_chars:]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C (drain, then Ray down), then SIGKILL of the whole session if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        server.stop()
 
 
 def test_serve_on_a_shared_gpu_answers_openai_with_the_cpu_greedy_ids(cuda_device, cpu_reference, served):
