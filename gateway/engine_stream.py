@@ -9,11 +9,14 @@ protocol renders as its own status.
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import AsyncIterator
 
 from cluster.request_output import RequestOutput
 from gateway.engine_failures import EngineFailed, classify
 from gateway.generation_request import GenerationRequest
+
+log = logging.getLogger(__name__)
 
 
 async def engine_outputs(engine, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -36,7 +39,18 @@ async def engine_outputs(engine, request: GenerationRequest) -> AsyncIterator[Re
         raise classify(exc) from exc
     finally:
         if not finished:
-            response.cancel()
-            # From an empty context: Serve cancels the calls a request makes while it is being
-            # cancelled, and that is exactly when this runs.
-            contextvars.Context().run(engine.abort.remote, request.request_id)
+            _abort(engine, response, request.request_id)
+
+
+def _abort(engine, response, request_id: str) -> None:
+    """Cancel the replica-side generator and abort the engine request, as far as that goes: a
+    request the handle refused (its queue full: the abort call is refused the same way) or whose
+    replica died has nothing left to abort, and the abort's own error must not take the place of
+    the request's."""
+    try:
+        response.cancel()
+        # From an empty context: Serve cancels the calls a request makes while it is being
+        # cancelled, and that is exactly when this runs.
+        contextvars.Context().run(engine.abort.remote, request_id)
+    except Exception as exc:
+        log.debug("could not abort %s: %s", request_id, type(exc).__name__)

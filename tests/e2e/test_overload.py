@@ -1,6 +1,6 @@
-"""Overload is shed early (DESIGN.md §5): a burst far past capacity gets 429/503 with
-`Retry-After` (gRPC RESOURCE_EXHAUSTED) at once, nothing else fails, and the server serves the
-next requests normally.
+"""Overload is shed early (DESIGN.md §5): a burst far past capacity gets 429 with `Retry-After`
+(gRPC RESOURCE_EXHAUSTED) at once, whichever queue is full, nothing else fails, and the server
+serves the next requests normally.
 
 Capacity is explicit: the app runs MAX_NUM_SEQS sequences and lets MAX_QUEUED_REQUESTS wait
 (the single-process engine, so the test measures admission, not the expert group).
@@ -60,7 +60,7 @@ def test_a_burst_of_ten_times_capacity_is_shed_early(server):
 
     results = asyncio.run(burst())
     statuses = [resp.status_code for resp, _ in results]
-    assert set(statuses) <= {200, 429, 503}, statuses  # no other 5xx, no 4xx
+    assert set(statuses) <= {200, 429}, statuses  # no 5xx, no other 4xx
     done = [t for resp, t in results if resp.status_code == 200]
     shed = [(resp, t) for resp, t in results if resp.status_code != 200]
     # The first MAX_QUEUED_REQUESTS to arrive always fit; the bulk of the rest cannot.
@@ -73,16 +73,16 @@ def test_a_burst_of_ten_times_capacity_is_shed_early(server):
         assert int(resp.headers["Retry-After"]) >= 1
         error = resp.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
-        if resp.status_code == 429:  # the engine replica's waiting queue is full
-            assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
-        else:  # Serve's queue in front of the replica is full: overload too, not a failure
-            assert error["code"] == "service_unavailable" and "overloaded" in error["message"]
+        # The engine replica's waiting queue is full, or Serve's queue in front of the replicas
+        # (503 before the one front door; gRPC had RESOURCE_EXHAUSTED for both).
+        assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert "overloaded" in error["message"]
     # Early: every refusal came back before the first admitted request finished, i.e. none of
     # them waited for a slot.
     assert max(t for _, t in shed) < min(done)
     margin_s = min(done) - max(t for _, t in shed)
-    print(f"burst of {BURST}: {len(done)} admitted, {statuses.count(429)} × 429, "
-          f"{statuses.count(503)} × 503; last refusal {margin_s:.2f} s before the first completion")
+    print(f"burst of {BURST}: {len(done)} admitted, {statuses.count(429)} × 429; last refusal "
+          f"{margin_s:.2f} s before the first completion")
     wait_until_idle(server.app_name)
     # ... and the server is fine afterwards.
     with httpx.Client(timeout=120) as client:

@@ -279,6 +279,24 @@ def test_an_engine_failure_is_one_kind_rendered_by_each_protocol(tokenizer, name
         assert resp.headers["Retry-After"] == "1"
 
 
+def test_an_abort_the_handle_refuses_does_not_hide_the_refusal(tokenizer):
+    """Serve's handle refuses a full queue's abort call as it refused the request: the client is
+    still told it was overloaded (not Serve's own plain-text 503, nor a 500)."""
+    full = BackPressureError(num_queued_requests=4, max_queued_requests=4)
+    engine = FakeEngine(error=full)
+
+    def refuse(request_id):
+        raise full
+
+    engine.abort.remote = refuse
+    ingress = ingress_for(tokenizer, engine)
+    body, headers = {"model": MODEL, "prompt": "Hello"}, {"authorization": f"Bearer {KEY}"}
+    resp = asyncio.run(over_http(ingress, body, headers))
+    ctx = asyncio.run(over_grpc(ingress, pb.GenerateRequest(text="Hello"), AUTH))
+    assert (resp.status_code, ctx.code()) == (429, grpc.StatusCode.RESOURCE_EXHAUSTED), resp.text
+    assert resp.json()["error"]["code"] == "rate_limit_exceeded" and len(engine.requests) == 2
+
+
 def test_every_kind_has_an_http_and_a_grpc_rendering():
     assert HTTP_STATUS.keys() == GRPC_STATUS.keys() == set(Kind)
 
