@@ -6,7 +6,8 @@ How a step reaches the workers (`control`):
   workers on the engine's node, and sent over TCP to those on other nodes; results come back
   on each worker's socket (cluster/step_broadcast.py). No Ray call per step.
 - "ray": one Ray actor call per worker per step (`execute_over_ray`), the reference path; it
-  works on a "channel" group too (benchmarks compare both on the same workers).
+  works on a "channel" group too (benchmarks compare both on the same workers), and a
+  "channel" group falls back to it, with a warning, when the channel cannot be set up.
 Either way all per-layer traffic stays inside the workers' all-to-all collectives. Ray calls
 carry set-up, recovery, stats and shutdown. It implements the `Executor` protocol of
 cluster/executor.py.
@@ -26,11 +27,12 @@ import logging
 from collections.abc import Sequence
 
 import ray
+from ray.exceptions import RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor_state import actor_id
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S
-from cluster.fault_diagnosis import Roster, diagnose
+from cluster.fault_diagnosis import Roster, diagnose, one_line
 from cluster.group_restart import restart_group
 from cluster.ray_await import awaited
 from cluster.reservation import Reservation, reserve
@@ -82,8 +84,20 @@ class RayExecutor:
         ray.get([w.join.remote(addr, port, self.backend) for w in self.workers], timeout=ready_timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in self.where()}
         if control == "channel":
+            self._open_loops_or_fall_back()
+
+    def _open_loops_or_fall_back(self) -> None:
+        """Start the step loops; where the channel itself cannot be set up (a worker cannot reach
+        the engine's listener, no shared memory here), step over Ray calls instead, and say why."""
+        try:
             self.loops = open_step_loops(self.workers, self._node_list(), self.num_attention_workers,
-                                         ready_timeout_s)
+                                         self.ready_timeout_s)
+        except (OSError, RayTaskError) as exc:
+            if isinstance(exc, RayTaskError) and not isinstance(exc.cause, OSError):
+                raise
+            log.warning("model group: the step channel could not be set up (%s); every step will be "
+                        "a Ray call per worker", one_line(exc))
+            self.control = "ray"
 
     def _choose_backend(self, devices: list[RankDevice]) -> str:
         """The backend every rank will join with; logged once per group formed."""
@@ -117,7 +131,7 @@ class RayExecutor:
         return self.topology.rank_kind(rank)
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
-        if self.loops is not None:
+        if self.control == "channel":
             return await self.execute_over_channel(batches)
         return await self.execute_over_ray(batches)
 
@@ -125,7 +139,7 @@ class RayExecutor:
         """One step through the workers' step loops: no Ray call."""
         loops = self.loops
         if loops is None:
-            raise RuntimeError("this group was started with control='ray': it runs no step loops")
+            raise RuntimeError(f"this group runs no step loops (control {self.control!r})")
         # Expert workers follow the mode every attention worker's batch carries (cluster/dispatch_mode.py).
         seq = loops.broadcast.publish(StepMessage(batches[0].low_latency_tokens, batches))
         calls = [asyncio.ensure_future(loops.broadcast.result(rank, seq))

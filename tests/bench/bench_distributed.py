@@ -20,8 +20,13 @@ Systems, timed interleaved from one asyncio loop (order rotated per repetition),
 
     phase 1, no compiled graph alive:
       local         LocalExecutor.execute: the single-process engine's step (ModelRunner in a thread)
-      ray           RayExecutor.execute: one Ray actor call per worker per step
+      ray           RayExecutor.execute_over_ray: one Ray actor call per worker per step
+      channel       RayExecutor.execute (control "channel"): the same workers' step loops, fed
+                    through the shared-memory ring (the attention worker, on the engine's node)
+                    and TCP (the expert workers, on the other node); no Ray call per step
+      ray / channel low-latency   the same two with the engine's dispatch-mode rule applied
       ray no-op     the same fan-out (three actors on the same nodes, batch as argument) to no-ops
+      channel no-op the same three actors' step loops (no-ops), fed by a step broadcast
     phase 2, the group compiled:
       local (cgraph alive)  as local: what the compiled graph's pollers cost this process
       cgraph        bench-local prototype: the same worker calls as one Ray Compiled Graph
@@ -37,12 +42,13 @@ Attribution: the workers' stats, drained after every step, split the distributed
 (the attention worker) reports its time inside execute and its dispatch + combine, which wait
 for the remote experts; the expert workers report their grouped-experts time. Per step,
 
-    distributed − local ≈ Ray call (step − rank 0's execute)
+    distributed − local ≈ control (step − rank 0's execute: the Ray call, or the channel)
                         + L × a2a+wait (rank 0's dispatch + combine − the busiest remote experts)
                         + L × Δexperts (remote experts − the local MoE stages)
                         + Δnon-MoE (attention, router, LM head, sampling: worker − single process)
 
-and the no-op fan-out shows what the Ray call costs with no work behind it.
+and the no-op fan-out shows what the Ray call costs with no work behind it. The channel and
+the Ray-call path run on the same workers in the same phase, so their ratio is like for like.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from cluster.distributed_engine import build_group_spec
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
 from cluster.ray_executor import RayExecutor
+from cluster.step_loops import open_step_loops
 from cluster.topology import TopologyConfig
 from cluster.worker_config import WorkerConfig
 from tests.bench.bench_engine import write_small_checkpoint
@@ -75,6 +82,9 @@ from workers.kv_cache import KVCache
 from workers.model_loader import load_local_model
 from workers.model_runner import ModelRunner
 from workers.sampling_params import SamplingParams
+from workers.step_link import StepLink
+from workers.step_loop import serve_steps
+from workers.step_message import StepMessage, StepRoute
 
 KINDS = ("decode", "prefill")
 TARGET_RATIO = 1.5  # distributed / single-process step time at TARGET_TOKENS, an upper bound
@@ -178,8 +188,20 @@ def start_cluster():
 
 @ray.remote(num_cpus=0, max_concurrency=2)  # threaded, like the workers
 class NoOp:
+    def __init__(self) -> None:
+        self.link: StepLink | None = None
+
     def ping(self, *_args) -> None:
         return None
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def connect_steps(self, route: StepRoute) -> None:  # as GroupMember's: a step loop of no-ops
+        self.link = StepLink.connect(route)
+
+    def serve_steps(self) -> int:
+        return serve_steps(self.link, lambda _message: None)
 
 
 def _take_busy(worker) -> float:
@@ -209,11 +231,21 @@ def drain_stats(group: RayExecutor) -> StepStats:
     return StepStats(rank0_busy, snap.dispatch_seconds + snap.combine_seconds, max(busy))
 
 
-class LowLatencyGroup:
-    """The same Ray executor with the engine's per-step rule applied: decode steps up to the
-    threshold dispatch through fixed-capacity buffers (cluster/dispatch_mode.py)."""
+class OverRayCalls:
+    """The group stepped by the reference control path: one Ray actor call per worker per step."""
 
-    def __init__(self, group: RayExecutor, max_tokens: int) -> None:
+    def __init__(self, group: RayExecutor) -> None:
+        self.group = group
+
+    async def execute(self, batches: tuple[ScheduledBatch, ...]):
+        return await self.group.execute_over_ray(batches)
+
+
+class LowLatencyGroup:
+    """An executor with the engine's per-step rule applied: decode steps up to the threshold
+    dispatch through fixed-capacity buffers (cluster/dispatch_mode.py)."""
+
+    def __init__(self, group, max_tokens: int) -> None:
         self.group, self.max_tokens = group, max_tokens
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]):
@@ -274,6 +306,22 @@ class NoOpFanOut:
             ray.kill(x)
 
 
+class ChannelNoOpFanOut:
+    """The same three no-op actors, stepped through a step broadcast: the bare channel."""
+
+    def __init__(self, noop: NoOpFanOut) -> None:
+        nodes = ray.get([x.node.remote() for x in noop.actors])
+        self.loops = open_step_loops(noop.actors, nodes, 1, timeout_s=60)
+
+    async def execute(self, batches: tuple[ScheduledBatch, ...]) -> None:
+        broadcast = self.loops.broadcast
+        seq = broadcast.publish(StepMessage(batches[0].low_latency_tokens, batches))
+        await asyncio.gather(*(broadcast.result(rank, seq) for rank in range(len(broadcast.vias))))
+
+    def teardown(self) -> None:
+        self.loops.close()
+
+
 class CompiledNoOpFanOut(NoOpFanOut):
     def __init__(self) -> None:
         from ray.dag import InputNode, MultiOutputNode
@@ -296,7 +344,8 @@ class CompiledNoOpFanOut(NoOpFanOut):
 
 LOCAL = ("local", "local (cgraph alive)")
 LOW_LATENCY = "ray low-latency"
-DISTRIBUTED = ("ray", LOW_LATENCY, "cgraph")
+CHANNEL_LOW_LATENCY = "channel low-latency"
+DISTRIBUTED = ("ray", LOW_LATENCY, "channel", CHANNEL_LOW_LATENCY, "cgraph")
 # Issue 15's goals for the low-latency path, distributed / single-process step time by tokens.
 LOW_LATENCY_TARGETS = {1: 1.2, 64: 1.05}
 # Per distributed step: rank 0's time inside execute and its dispatch + combine, the busiest
@@ -355,14 +404,15 @@ def small_group(model_dir: Path, engine_cfg: EngineConfig) -> RayExecutor:
                           expert_resources={"moe_expert": 1})
     spec = build_group_spec(model_dir, ModelConfig.from_dir(model_dir), engine_cfg, topo,
                             worker=WorkerConfig(num_threads=1))
-    return RayExecutor(spec, topo)
+    return RayExecutor(spec, topo, control="channel")
 
 
 def describe(group: RayExecutor) -> list[str]:
     nodes = {w["rank"]: w["node_id"][:8] for w in group.where()}
     threads = ray.get([w.__ray_call__.remote(lambda _w: torch.get_num_threads()) for w in group.workers])
     return [f"attention worker on node {nodes[0]}, expert workers on node(s) "
-            f"{sorted({nodes[r] for r in nodes if r})}",
+            f"{sorted({nodes[r] for r in nodes if r})}; the channel reaches them by "
+            f"{', '.join(group.loops.broadcast.vias)} (rank order)",
             f"torch threads: single-process engine {torch.get_num_threads()}, workers {threads}"]
 
 
@@ -388,6 +438,7 @@ async def run_all(args, model_dir: Path) -> tuple[list[Result], dict[str, Sample
         for batch in tqdm(maker.setup(model.cfg.vocab_size), desc="KV prefill", unit="step"):
             await local.execute((batch,))
             await group.execute((batch,))
+        over_ray = OverRayCalls(group)
         noop = NoOpFanOut()
         bare = {"same node": Samples(), "other node": Samples()}  # one no-op call, no arguments
         for _ in range(50):
@@ -397,13 +448,15 @@ async def run_all(args, model_dir: Path) -> tuple[list[Result], dict[str, Sample
                 bare[where].add(time.perf_counter() - t0)
         phases = 1 if args.no_cgraph else 3
         bar = tqdm(total=len(configs) * args.repeats * phases, desc="steps", unit="rep")
-        low_latency = LowLatencyGroup(group, max(args.tokens))
-        await phase({"local": local, "ray": group, LOW_LATENCY: low_latency, "ray no-op": noop}, bar)
+        distributed = {"ray": over_ray, LOW_LATENCY: LowLatencyGroup(over_ray, max(args.tokens)),
+                       "channel": group, CHANNEL_LOW_LATENCY: LowLatencyGroup(group, max(args.tokens))}
+        noop_channel = ChannelNoOpFanOut(noop)
+        await phase({"local": local, **distributed, "ray no-op": noop, "channel no-op": noop_channel}, bar)
+        noop_channel.teardown()
         # A sanity check that the paths did the same work: greedy tokens of the largest decode.
         batches = (maker.step("decode", max(args.tokens)),)
         want = await local.execute(batches)
-        checks = {"ray": await group.execute(batches) == want,
-                  LOW_LATENCY: await low_latency.execute(batches) == want}
+        checks = {name: await system.execute(batches) == want for name, system in distributed.items()}
         if not args.no_cgraph:
             compiled = CompiledGroup(group)
             await phase({"local (cgraph alive)": local, "cgraph": compiled}, bar)
@@ -434,7 +487,8 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
     rows = []
     for r in results:
         base = r.times["local"].median
-        for system in ("local", "ray", LOW_LATENCY, "local (cgraph alive)", "cgraph"):
+        for system in ("local", "ray", LOW_LATENCY, "channel", CHANNEL_LOW_LATENCY, "local (cgraph alive)",
+                       "cgraph"):
             if system not in r.times:
                 continue
             s = r.times[system]
@@ -462,7 +516,7 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
           "  worker's grouped experts; a2a+wait: rank0 dispatch+combine − remote experts, step by step\n"
           "  (three gloo all-to-alls per layer: counts, rows out, rows back, and the wake-ups around them).")
 
-    print(f"\nper step (medians, ms): measured + ≈ Ray call + L × a2a+wait + L × Δexperts + Δnon-MoE "
+    print(f"\nper step (medians, ms): measured + ≈ control + L × a2a+wait + L × Δexperts + Δnon-MoE "
           f"(L={num_layers})")
     rows = []
     for r, path in paths:
@@ -478,12 +532,14 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
         rows.append((r.kind, r.num_tokens, path, ms(noop.median) if noop else "n/a",
                      *("n/a" if v is None else ms(v) for v in parts.values()), ms(sum(known)), ms(measured),
                      share))
-    print_table(("kind", "tokens", "path", "no-op fan-out", "Ray call", "L×a2a+wait", "L×Δexperts",
-                 "Δnon-MoE", "sum", "measured +", "call share"), rows)
-    print("  no-op fan-out: the same three-actor call to no-ops (batch as argument); Ray call: step − the\n"
-          "  attention worker's time inside execute; Δexperts: remote experts − local MoE; Δnon-MoE: the\n"
-          "  attention worker's non-MoE time (attention, router, LM head, sampling) − the single process's;\n"
-          "  call share: Ray call / measured +. Medians of parts need not add up to the median of the whole.")
+    print_table(("kind", "tokens", "path", "no-op fan-out", "control", "L×a2a+wait", "L×Δexperts",
+                 "Δnon-MoE", "sum", "measured +", "control share"), rows)
+    print("  no-op fan-out: the same three-actor step to no-ops (batch to the first); control: step − the\n"
+          "  attention worker's time inside execute (the Ray call, or the channel's send, read and reply);\n"
+          "  Δexperts: remote experts − local MoE; Δnon-MoE: the attention worker's non-MoE time\n"
+          "  (attention, router, LM head, sampling) − the single process's; control share: control /\n"
+          "  measured +.\n"
+          "  Medians of parts need not add up to the median of the whole.")
 
     print(f"\ntarget: distributed / single-process step time <= {TARGET_RATIO} "
           f"at {TARGET_TOKENS} tokens per step")
@@ -507,13 +563,29 @@ def report(results: list[Result], bare: dict[str, Samples], num_layers: int) -> 
         if r.kind != "decode" or LOW_LATENCY not in r.times:
             continue
         local = r.times["local"].median
-        exact, low = r.times["ray"].median / local, r.times[LOW_LATENCY].median / local
-        goal = LOW_LATENCY_TARGETS.get(r.num_tokens)
-        verdict = "" if goal is None else ("PASS" if low <= goal else "MISS")
-        rows.append((r.num_tokens, f"{exact:.2f}", f"{low:.2f}", f"{exact / low:.2f}",
-                     "" if goal is None else f"<= {goal}", verdict))
-    print_table(("tokens", "exact ×local", "low-latency ×local", "exact / low-latency", "goal", "verdict"),
-                rows)
+        for control, exact_system, low_system in (("ray", "ray", LOW_LATENCY),
+                                                  ("channel", "channel", CHANNEL_LOW_LATENCY)):
+            exact, low = r.times[exact_system].median / local, r.times[low_system].median / local
+            goal = LOW_LATENCY_TARGETS.get(r.num_tokens)
+            verdict = "" if goal is None else ("PASS" if low <= goal else "MISS")
+            rows.append((r.num_tokens, control, f"{exact:.2f}", f"{low:.2f}", f"{exact / low:.2f}",
+                         "" if goal is None else f"<= {goal}", verdict))
+    print_table(("tokens", "control", "exact ×local", "low-latency ×local", "exact / low-latency", "goal",
+                 "verdict"), rows)
+
+    print("\nchannel vs Ray call, the same workers in the same phase (step time; ratios of medians):")
+    rows = []
+    for r in results:
+        local = r.times["local"].median
+        for dispatch, ray_system, channel_system in (("exact", "ray", "channel"),
+                                                     ("low-latency", LOW_LATENCY, CHANNEL_LOW_LATENCY)):
+            if r.kind != "decode" and dispatch == "low-latency":
+                continue  # prefill steps always dispatch exact: the same numbers again
+            ray_s, channel_s = r.times[ray_system].median, r.times[channel_system].median
+            rows.append((r.kind, r.num_tokens, dispatch, ms(ray_s), ms(channel_s), ms(ray_s - channel_s),
+                         f"{ray_s / local:.2f}", f"{channel_s / local:.2f}", f"{ray_s / channel_s:.2f}"))
+    print_table(("kind", "tokens", "dispatch", "ray ms", "channel ms", "saved ms", "ray ×local",
+                 "channel ×local", "ray / channel"), rows)
 
 
 def main() -> None:

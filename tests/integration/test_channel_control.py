@@ -148,3 +148,24 @@ def test_an_expert_killed_on_the_other_node_is_named_dead(built):
     assert fault.actor_id and fault.node_id
     assert again == want
     assert_routes(group)
+
+
+def test_a_group_whose_channel_cannot_be_set_up_steps_over_ray_calls(two_nodes, model_dir, monkeypatch,
+                                                                    caplog):
+    from cluster.step_broadcast import StepRing
+
+    def no_shared_memory(*_args, **_kwargs):
+        raise OSError("no shared memory here")
+
+    monkeypatch.setattr(StepRing, "create", no_shared_memory)
+    topo = TopologyConfig(num_attention_workers=1, num_expert_workers=2, num_cpus_per_worker=0.1,
+                          attention_resources={"moe_attention": 0.5}, expert_resources={"moe_expert": 0.5})
+    engine, group = build_distributed_engine(model_dir, ENGINE_CFG, topo)
+    try:
+        assert group.control == "ray" and group.loops is None
+        assert "no shared memory here" in caplog.text
+        got = run_requests(engine, REQUESTS[:1])
+    finally:
+        group.shutdown()
+    want = run_requests(build_local_engine(model_dir, ENGINE_CFG), REQUESTS[:1])
+    assert [g["token_ids"] for g in got] == [w["token_ids"] for w in want]
