@@ -15,7 +15,7 @@ from cluster.text_io import load_text_io
 from workers.checkpoint import Checkpoint
 from workers.cuda_graph_capture import capture_decode_graphs, use_decode_graphs
 from workers.device import resolve_dtype, select_device
-from workers.device_memory import MemoryReport, check_weights_fit, cuda_memory
+from workers.device_memory import MemoryReport, ensure_weights_fit
 from workers.kv_cache import KVCache
 from workers.kv_cache_sizing import decide_num_kv_blocks
 from workers.model_loader import load_local_model, local_weight_bytes
@@ -39,9 +39,7 @@ def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None
     cfg = ckpt.config
     dtype = resolve_dtype(dtype, device, cfg.torch_dtype)
     weight_bytes = local_weight_bytes(ckpt, dtype)
-    if device.type == "cuda":
-        free, total = cuda_memory(device)
-        check_weights_fit(weight_bytes=weight_bytes, free_bytes=free, total_bytes=total, what="the model")
+    ensure_weights_fit(device, weight_bytes, "the model")
     model = load_local_model(model_dir, dtype, device, progress=progress, checkpoint=ckpt)
     cache = config.cache_config()
     num_blocks = decide_num_kv_blocks(cache, cfg, dtype, device, weight_bytes=weight_bytes,

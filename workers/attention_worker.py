@@ -30,7 +30,7 @@ class AttentionWorker(GroupMember):
             raise ValueError(f"rank {rank} is an expert rank")
         super().__init__(spec, rank)
         weight_bytes = self.checkpoint.attention_weight_bytes(self.dtype)
-        self.check_weights_fit(weight_bytes)
+        self.ensure_weights_fit(weight_bytes)
         state = self.checkpoint.load_attention_weights(self.dtype, progress=False, device=self.device)
         self.weights = AttentionSideWeights.from_state(self.config, state)
         num_blocks = decide_num_kv_blocks(spec.cache, self.config, self.dtype, self.device,

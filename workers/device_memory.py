@@ -103,6 +103,13 @@ def cuda_memory(device: torch.device) -> tuple[int, int]:
     return torch.cuda.mem_get_info(device)
 
 
+def ensure_weights_fit(device: torch.device, weight_bytes: int, what: str) -> None:
+    """On a GPU, before a byte is loaded: `what`'s weights must fit its free memory (a no-op on a CPU)."""
+    if device.type == "cuda":
+        free, total = cuda_memory(device)
+        check_weights_fit(weight_bytes=weight_bytes, free_bytes=free, total_bytes=total, what=what)
+
+
 def check_fits_cache(num_kv_blocks: int, block_size: int, max_model_len: int) -> None:
     """One sequence of max_model_len must fit, or the scheduler could never finish it."""
     if num_kv_blocks * block_size < max_model_len:

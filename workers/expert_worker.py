@@ -29,7 +29,7 @@ class ExpertWorker(GroupMember):
         emap = spec.expert_map
         pairs = [(layer, e) for layer in range(emap.num_layers) for e in emap.local_experts(layer, rank)]
         self.pairs = tuple(pairs)
-        self.check_weights_fit(self.checkpoint.expert_weight_bytes(pairs, self.dtype))
+        self.ensure_weights_fit(self.checkpoint.expert_weight_bytes(pairs, self.dtype))
         self.experts = experts_by_layer(
             self.checkpoint.load_expert_weights(pairs, self.dtype, progress=False, device=self.device))
         emap.check_holds(rank, {layer: ex.expert_ids for layer, ex in self.experts.items()})

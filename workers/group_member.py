@@ -12,7 +12,7 @@ import torch
 from workers.checkpoint import Checkpoint
 from workers.collective_backend import RankDevice
 from workers.device import resolve_dtype, select_device
-from workers.device_memory import check_weights_fit, cuda_memory
+from workers.device_memory import ensure_weights_fit
 from workers.group_spec import GroupSpec
 from workers.step_link import StepLink
 from workers.step_loop import serve_steps
@@ -43,12 +43,9 @@ class GroupMember:
         self.num_steps = 0
         self.step_link: StepLink | None = None  # from connect_steps() until serve_steps() takes it
 
-    def check_weights_fit(self, weight_bytes: int) -> None:
-        """On a GPU, before a byte is loaded: a share of the checkpoint that cannot fit fails now."""
-        if self.device.type == "cuda":
-            free, total = cuda_memory(self.device)
-            check_weights_fit(weight_bytes=weight_bytes, free_bytes=free, total_bytes=total,
-                              what=f"{self.kind} worker rank {self.rank}")
+    def ensure_weights_fit(self, weight_bytes: int) -> None:
+        """A share of the checkpoint that cannot fit this worker's GPU fails now, not halfway."""
+        ensure_weights_fit(self.device, weight_bytes, f"{self.kind} worker rank {self.rank}")
 
     def dispatch_stats(self) -> WorkerStats:
         """What this worker did since the last call (the counters restart)."""
