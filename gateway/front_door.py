@@ -34,17 +34,15 @@ from gateway.protocol import (
 from gateway.request_limits import (
     CHOICES,
     DEFAULT_MAX_BODY_BYTES,
-    LOGPROBS,
     MAX_TOKENS,
     MESSAGES,
+    OPENAI_BOUNDS,
     SAMPLING_BOUNDS,
     STOP,
     STOP_CHARS,
     STOP_TOKEN_IDS,
     TOKEN_ID,
-    TOP_LOGPROBS,
     Bound,
-    N,
     max_prompt_chars,
 )
 from workers.sampling_params import SamplingParams, SamplingParamsError
@@ -77,16 +75,17 @@ class Admitted:
 
 
 class FrontDoor:
+    """`completion` and `chat` take OpenAI bodies, `generate` a gRPC message; each returns what the
+    engine gets or raises a `Refusal`."""
+
     def __init__(self, tokenizer: Tokenizer, limits: ServingLimits) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self.max_prompt_chars = max_prompt_chars(limits.max_model_len,
                                                  tokenizer.backend.get_vocab(with_added_tokens=True))
 
-    # -- HTTP -------------------------------------------------------------------------------------
-
     async def completion(self, body: CompletionRequest, rid: str, timeout_header: str | None) -> Admitted:
-        timeout_s = self._openai_fields(body, timeout_header, LOGPROBS, body.logprobs, "logprobs")
+        timeout_s = self._openai_fields(body, timeout_header, logprobs=body.logprobs)
         max_tokens = DEFAULT_COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         choices = self._choices(body, max_tokens, body.logprobs is not None, "max_tokens")
         prompts = body.prompts()
@@ -98,7 +97,7 @@ class FrontDoor:
         return self._admit(rid, jobs, sum(map(len, prompt_ids)), timeout_s, "prompt")
 
     async def chat(self, body: ChatCompletionRequest, rid: str, timeout_header: str | None) -> Admitted:
-        timeout_s = self._openai_fields(body, timeout_header, TOP_LOGPROBS, body.top_logprobs, "top_logprobs")
+        timeout_s = self._openai_fields(body, timeout_header, top_logprobs=body.top_logprobs)
         _check(MESSAGES, len(body.messages), "messages")
         if body.max_tokens is not None:  # deprecated, but still a field: in bounds even when overridden
             _check(MAX_TOKENS, body.max_tokens, "max_tokens")
@@ -117,8 +116,6 @@ class FrontDoor:
         jobs = [(prompt_ids, params) for params in choices]
         return self._admit(rid, jobs, len(prompt_ids), timeout_s, "messages")
 
-    # -- gRPC -------------------------------------------------------------------------------------
-
     async def generate(self, request: pb.GenerateRequest | MalformedMessage, request_id: str,
                        timeout_header: str | None) -> GenerationRequest:
         check_parsed(request)
@@ -136,8 +133,6 @@ class FrontDoor:
         self._check_context(len(prompt_ids), params.max_tokens, "prompt")
         return GenerationRequest(request_id, prompt_ids, params, time.time(), timeout_s)
 
-    # -- both -------------------------------------------------------------------------------------
-
     def check_model(self, model: str) -> None:
         if model != self.limits.model_name:
             raise refusal.unknown_model(model, self.limits.model_name)
@@ -151,15 +146,15 @@ class FrontDoor:
             raise refusal.invalid(REQUEST_TIMEOUT_HEADER, str(exc)) from None
         return effective_timeout(self.limits.request_timeout_s, client_s)
 
-    def _openai_fields(self, body: SamplingFields, timeout_header: str | None, logprobs_bound: Bound,
-                       logprobs: int | None, logprobs_field: str) -> float | None:
-        """What an OpenAI body has beyond a gRPC request: n, logprobs counts, fields we do not
-        implement; after the model and the deadline header, which both have. Its time budget."""
+    def _openai_fields(self, body: SamplingFields, timeout_header: str | None,
+                       **counts: int | None) -> float | None:
+        """The model and the deadline header (as for gRPC), then what only an OpenAI body has: n,
+        the endpoint's logprobs `counts`, fields we do not implement. Its time budget."""
         self.check_model(body.model)
         timeout_s = self.timeout_s(timeout_header)
-        _check(N, body.n, "n")
-        if logprobs is not None:
-            _check(logprobs_bound, logprobs, logprobs_field)
+        for name, value in {"n": body.n, **counts}.items():
+            if value is not None:
+                _check(OPENAI_BOUNDS[name], value, name)
         unsupported = body.unsupported_field()
         if unsupported is not None:
             raise refusal.unsupported(unsupported)
@@ -226,7 +221,7 @@ class FrontDoor:
         return Admitted(requests, num_prompt_tokens)
 
 
-def grpc_sampling_values(msg) -> dict[str, Any]:
+def grpc_sampling_values(msg: pb.SamplingParams) -> dict[str, Any]:
     """The `SamplingParams` fields of a gRPC `moe_serve.v1.SamplingParams`: unset optional ones
     take the dataclass defaults (max_tokens 16, temperature 1, ...)."""
     set_fields = {name: getattr(msg, name) for name in OPTIONAL_GRPC_SAMPLING_FIELDS if msg.HasField(name)}

@@ -79,6 +79,8 @@ LOGPROBS = Bound(0, 5)  # /v1/completions' `logprobs` (OpenAI's); only 0 is impl
 TOP_LOGPROBS = Bound(0, 20)  # /v1/chat/completions' `top_logprobs` (OpenAI's); only 0 is implemented
 # Sampling values with a bound of their own, beyond what SamplingParams checks.
 SAMPLING_BOUNDS = {"max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "top_k": TOP_K}
+# Counts only an OpenAI body has.
+OPENAI_BOUNDS = {"n": N, "logprobs": LOGPROBS, "top_logprobs": TOP_LOGPROBS}
 
 
 def max_prompt_chars(max_model_len: int, vocab: Iterable[str]) -> int:
