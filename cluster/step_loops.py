@@ -22,6 +22,8 @@ from cluster.step_broadcast import StepBroadcast, choose_vias
 
 log = logging.getLogger(__name__)
 
+ACCEPT_TIMEOUT_S = 10.0
+
 
 class StepLoopEnded(RuntimeError):
     """A worker's step loop returned while the group still served (its channel closed)."""
@@ -62,8 +64,10 @@ def _new_broadcast(worker_nodes: Sequence[str | None], num_attention_workers: in
     return StepBroadcast(vias, num_attention_workers, ray.util.get_node_ip_address())
 
 
-def _begin(broadcast: StepBroadcast, workers: Sequence, timeout_s: float) -> StepLoops:
-    broadcast.accept(timeout_s)
+def _begin(broadcast: StepBroadcast, workers: Sequence) -> StepLoops:
+    # Every worker's connect_steps returned: their connections wait in the listeners' backlogs,
+    # so accepting takes no time; the bound only keeps a lost connection from holding the loop.
+    broadcast.accept(ACCEPT_TIMEOUT_S)
     return StepLoops(broadcast, [w.serve_steps.remote() for w in workers])
 
 
@@ -74,7 +78,7 @@ def open_step_loops(workers: Sequence, worker_nodes: Sequence[str | None], num_a
     try:
         ray.get([w.connect_steps.remote(broadcast.route(r)) for r, w in enumerate(workers)],
                 timeout=timeout_s)
-        return _begin(broadcast, workers, timeout_s)
+        return _begin(broadcast, workers)
     except BaseException:
         broadcast.close()
         raise
@@ -87,7 +91,7 @@ async def open_step_loops_async(workers: Sequence, worker_nodes: Sequence[str | 
     try:
         await asyncio.wait_for(asyncio.gather(*[awaited(w.connect_steps.remote(broadcast.route(r)))
                                                 for r, w in enumerate(workers)]), timeout_s)
-        return _begin(broadcast, workers, timeout_s)
+        return _begin(broadcast, workers)
     except BaseException:
         broadcast.close()
         raise
