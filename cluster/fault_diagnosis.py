@@ -3,7 +3,7 @@
 The step's own calls tell part of it: an actor that died raises `RayActorError`. A collective
 error is usually only the symptom of a peer that vanished, and a stalled step names nobody, so
 every worker is then asked a cheap `where()`: a live worker answers within milliseconds even
-mid-collective (workers run two threads), so a dead one or one that does not answer is the
+mid-collective (workers run three threads), so a dead one or one that does not answer is the
 culprit. `blame` makes the decision from those answers and is pure.
 """
 

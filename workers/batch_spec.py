@@ -1,6 +1,6 @@
 """What the scheduler asks the model runner to compute in one step.
 
-Frozen messages that cross from the engine to the attention workers (Ray actor calls),
+Frozen messages that cross from the engine to the attention workers (the step channel, or Ray actor calls),
 so they hold only builtins and `SamplingParams`. They live in workers/ because the model
 runner reads them and workers/ never imports cluster/.
 
