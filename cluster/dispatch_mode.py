@@ -1,6 +1,6 @@
 """Per step: exact or low-latency dispatch? A pure rule over the step's batches.
 
-Low-latency dispatch (workers/low_latency_dispatch.py) saves a counts exchange and a host read
+Low-latency dispatch (workers/moe/low_latency_dispatch.py) saves a counts exchange and a host read
 per MoE layer but moves fixed-capacity buffers: tokens × min(K, C) rows per (attention worker,
 expert worker) pair, mostly padding once the step is large. So it pays for small steps and
 costs for large ones. Prefill steps always go exact: their token counts are large and
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from workers.batch_spec import ScheduledBatch
+from workers.model.batch_spec import ScheduledBatch
 
 
 def low_latency_tokens(batches: Sequence[ScheduledBatch], max_tokens: int) -> int | None:

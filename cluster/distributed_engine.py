@@ -15,8 +15,8 @@ from cluster.reservation import Reservation
 from cluster.text_io import load_text_io
 from cluster.topology import TopologyConfig
 from cluster.worker_config import WorkerConfig
-from workers.config import ModelConfig
-from workers.group_spec import GroupSpec
+from workers.group.spec import GroupSpec
+from workers.weights.config import ModelConfig
 
 
 def build_group_spec(model_dir: str | Path, model_config: ModelConfig, engine_cfg: EngineConfig,

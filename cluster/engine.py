@@ -34,11 +34,11 @@ from cluster.request_output import RequestOutput
 from cluster.scheduler import Scheduler
 from cluster.sequence import FinishReason, Sequence
 from cluster.stop_checker import StopChecker
+from cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 from cluster.worker_fault import WorkerFailed
-from workers.batch_spec import ScheduledBatch
-from workers.device_memory import MemoryReport
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.device.memory import MemoryReport
+from workers.model.batch_spec import ScheduledBatch
+from workers.model.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

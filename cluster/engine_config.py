@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cluster.scheduler_config import SchedulerConfig
-from workers.cache_config import CacheConfig
-from workers.device_memory import DEFAULT_GPU_MEMORY_UTILIZATION
+from workers.device.memory import DEFAULT_GPU_MEMORY_UTILIZATION
+from workers.model.cache_config import CacheConfig
 
 DEFAULT_LOW_LATENCY_MAX_TOKENS = 64
 
@@ -28,7 +28,7 @@ class EngineConfig:
     # 0: always exact. Measured by tests/bench/bench_distributed.py (cluster/dispatch_mode.py).
     low_latency_max_tokens: int = DEFAULT_LOW_LATENCY_MAX_TOKENS
     # The single-process engine on CUDA replays decode steps from CUDA graphs captured at start-up
-    # (workers/cuda_graph_runner.py); True runs every step eagerly (vLLM's --enforce-eager).
+    # (workers/model/cuda_graph_runner.py); True runs every step eagerly (vLLM's --enforce-eager).
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:

@@ -12,9 +12,9 @@ import asyncio
 from typing import Protocol
 
 from cluster.worker_fault import WorkerFault
-from workers.batch_spec import ScheduledBatch
-from workers.model_runner import ModelRunner
-from workers.step_output import StepOutput
+from workers.model.batch_spec import ScheduledBatch
+from workers.model.runner import ModelRunner
+from workers.model.step_output import StepOutput
 
 
 class Executor(Protocol):

@@ -12,14 +12,14 @@ from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
 from cluster.text_io import load_text_io
-from workers.checkpoint import Checkpoint
-from workers.cuda_graph_capture import capture_decode_graphs, use_decode_graphs
-from workers.device import resolve_dtype, select_device
-from workers.device_memory import MemoryReport, ensure_weights_fit
-from workers.kv_cache import KVCache
-from workers.kv_cache_sizing import decide_num_kv_blocks
-from workers.model_loader import load_local_model, local_weight_bytes
-from workers.model_runner import ModelRunner
+from workers.device.memory import MemoryReport, ensure_weights_fit
+from workers.device.selection import resolve_dtype, select_device
+from workers.model.cuda_graph_capture import capture_decode_graphs, use_decode_graphs
+from workers.model.kv_cache import KVCache
+from workers.model.kv_cache_sizing import decide_num_kv_blocks
+from workers.model.loader import load_local_model, local_weight_bytes
+from workers.model.runner import ModelRunner
+from workers.weights.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def build_local_engine(model_dir: str | Path, config: EngineConfig | None = None
                        progress: bool = False, gpu_fraction: float = 1.0,
                        checkpoint: Checkpoint | None = None) -> Engine:
     """`device` is decided here, once, for the whole process ("auto": a GPU when this process
-    has one); `dtype` "auto" follows it (workers/device.py). `checkpoint`: model_dir already
+    has one); `dtype` "auto" follows it (workers/device/selection.py). `checkpoint`: model_dir already
     opened by the caller (an engine replica reads its config once); None opens it here."""
     config = config or EngineConfig()
     if config.num_attention_workers != 1:

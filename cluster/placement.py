@@ -29,7 +29,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workers.expert_map import ExpertMap
+from workers.moe.expert_map import ExpertMap
 
 LayerExpert = tuple[int, int]  # (layer, expert)
 

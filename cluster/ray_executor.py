@@ -40,14 +40,14 @@ from cluster.step_broadcast import StepChannelClosed
 from cluster.step_loops import StepLoops, open_step_loops, open_step_loops_async
 from cluster.topology import TopologyConfig, worker_bundles
 from cluster.worker_fault import WorkerFailed, WorkerFault
-from workers.attention_worker import AttentionWorker
-from workers.batch_spec import ScheduledBatch
-from workers.collective_backend import RankDevice, choose_backend, describe_choice
-from workers.device_memory import MemoryReport
-from workers.expert_worker import ExpertWorker
-from workers.group_spec import GroupSpec
-from workers.step_message import StepMessage
-from workers.step_output import StepOutput
+from workers.comm.collective_backend import RankDevice, choose_backend, describe_choice
+from workers.device.memory import MemoryReport
+from workers.group.attention_worker import AttentionWorker
+from workers.group.expert_worker import ExpertWorker
+from workers.group.spec import GroupSpec
+from workers.group.step_message import StepMessage
+from workers.model.batch_spec import ScheduledBatch
+from workers.model.step_output import StepOutput
 
 log = logging.getLogger(__name__)
 

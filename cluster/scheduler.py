@@ -26,7 +26,7 @@ from collections import deque
 from cluster.block_manager import BlockManager
 from cluster.scheduler_config import SchedulerConfig
 from cluster.sequence import FinishReason, Sequence, SequenceStatus
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
 
 
 class Scheduler:

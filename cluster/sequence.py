@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 
 class SequenceStatus(Enum):

@@ -1,11 +1,11 @@
 """The engine's end of the step channel: each step reaches every worker's step loop without a
 Ray call, and each worker's result comes back on its socket.
 
-Workers on the engine's node read the step from one shared-memory ring (workers/step_ring.py),
+Workers on the engine's node read the step from one shared-memory ring (workers/group/step_ring.py),
 written once per step; a frame on each one's Unix socket says which slot holds it. Workers on
 other nodes get the whole step in a frame on a TCP socket (expert workers a copy without the
 batches, which they do not read). Every worker answers on its own socket: a RESULT, or a
-FAILURE when its step raised. The workers' end is workers/step_link.py; the Ray side (starting
+FAILURE when its step raised. The workers' end is workers/group/step_link.py; the Ray side (starting
 the loops, noticing a dead one) is cluster/step_loops.py.
 
 Sockets are non-blocking and never waited on by a blocked thread: a result is awaited with
@@ -27,9 +27,9 @@ import socket
 import time
 from collections.abc import Sequence
 
-from workers import step_frame
-from workers.step_message import StepFailure, StepMessage, StepRoute
-from workers.step_ring import DEFAULT_NUM_SLOTS, DEFAULT_SLOT_BYTES, StepRing
+from workers.group import step_frame
+from workers.group.step_message import StepFailure, StepMessage, StepRoute
+from workers.group.step_ring import DEFAULT_NUM_SLOTS, DEFAULT_SLOT_BYTES, StepRing
 
 log = logging.getLogger(__name__)
 

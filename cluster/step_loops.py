@@ -3,7 +3,7 @@
 Set-up, per incarnation of the group (at start and after every restart): the engine opens a
 `StepBroadcast` (cluster/step_broadcast.py), each worker connects to it (`connect_steps`, a
 Ray call that returns once connected), the engine accepts them, then each worker's
-`serve_steps` starts its loop on a thread of its actor (workers/step_loop.py). That call
+`serve_steps` starts its loop on a thread of its actor (workers/group/step_loop.py). That call
 never returns while the group serves, and that is what makes it useful: a worker that dies
 fails it at once (RayActorError), so every step awaits it beside the results (`ended`).
 Closing the broadcast ends every loop.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from workers.sampling_params import SamplingParams
+    from workers.model.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 

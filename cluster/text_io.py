@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from workers.config import ModelConfig
-from workers.tokenizer import Tokenizer
+from cluster.tokenizer import Tokenizer
+from workers.weights.config import ModelConfig
 
 
 def load_text_io(model_dir: str | Path, cfg: ModelConfig) -> tuple[Tokenizer | None, tuple[int, ...]]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.device import DEVICE_CHOICES
+from workers.device.selection import DEVICE_CHOICES
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    device: str = "auto"  # auto | cpu | cuda, decided once in each process (workers/device.py)
+    device: str = "auto"  # auto | cpu | cuda, decided once in each process (workers/device/selection.py)
     dtype: str = "auto"  # "auto": the checkpoint's torch_dtype on a GPU, float32 on a CPU
     num_threads: int = 1  # torch intra-op threads of each group worker
 

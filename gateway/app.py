@@ -35,8 +35,8 @@ from gateway.engine_deployment import (
     EngineOptions,
 )
 from gateway.ingress import DEFAULT_MAX_BODY_BYTES, Ingress, IngressOptions
-from workers.device import DEVICE_CHOICES
-from workers.device_memory import DEFAULT_GPU_MEMORY_UTILIZATION
+from workers.device.memory import DEFAULT_GPU_MEMORY_UTILIZATION
+from workers.device.selection import DEVICE_CHOICES
 
 APP_NAME = "moe-serve"
 INGRESS_CPUS = 0.1  # the ingress waits on I/O; tokenizing is a sliver of a core

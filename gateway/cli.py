@@ -32,7 +32,7 @@ def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_model(args: argparse.Namespace) -> int:
-    from workers.demo_checkpoint import ensure_demo_checkpoint
+    from gateway.demo_checkpoint import ensure_demo_checkpoint
 
     try:
         out = ensure_demo_checkpoint(args.dir, seed=args.seed)
@@ -132,9 +132,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import ServeOptions
     from gateway.cluster_fit import ClusterTooSmall
+    from gateway.demo_checkpoint import ensure_demo_checkpoint
     from gateway.serve_command import parse_expert_replicas
     from gateway.serve_command import run_serve as serve
-    from workers.demo_checkpoint import ensure_demo_checkpoint
 
     try:
         model_dir = args.model if args.model is not None else ensure_demo_checkpoint()

@@ -37,7 +37,7 @@ from gateway.deadline import DeadlineExceeded, remaining_s
 from gateway.drain import DrainWatch
 from gateway.generation_request import GenerationRequest
 from gateway.metrics import ServingMetrics
-from workers.device_memory import MemoryReport
+from workers.device.memory import MemoryReport
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,13 @@ class EngineDeployment:
         self.executor = None  # the Ray executor of a model group; None for a single-process engine
         # The model's config is read once here and handed down (the group's workers read their own).
         if options.topology is None:
-            from workers.checkpoint import Checkpoint
+            from workers.weights.checkpoint import Checkpoint
 
             checkpoint = Checkpoint.open(options.model_dir)
             model_config = checkpoint.config
             self.engine = self._build_local(options, checkpoint)
         else:
-            from workers.config import ModelConfig
+            from workers.weights.config import ModelConfig
 
             model_config = ModelConfig.from_dir(options.model_dir)
             self.engine, self.executor = self._build_distributed(options, model_config)

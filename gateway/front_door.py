@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cluster.tokenizer import ChatTemplateError, Tokenizer
 from gateway import refusal
 from gateway.deadline import REQUEST_TIMEOUT_HEADER, effective_timeout, parse_timeout
 from gateway.generation_request import GenerationRequest
@@ -45,8 +46,7 @@ from gateway.request_limits import (
     Bound,
     max_prompt_chars,
 )
-from workers.sampling_params import SamplingParams, SamplingParamsError
-from workers.tokenizer import ChatTemplateError, Tokenizer
+from workers.model.sampling_params import SamplingParams, SamplingParamsError
 
 if TYPE_CHECKING:
     from gateway.grpc_stubs import moe_serve_pb2 as pb

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

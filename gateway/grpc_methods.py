@@ -46,7 +46,7 @@ from gateway.grpc_parsing import check_parsed
 from gateway.grpc_status import GrpcError, grpc_error
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.refusal import Kind, Refusal, clip
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moe_serve.v1.MoeServe"
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name

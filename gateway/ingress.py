@@ -39,6 +39,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
+from cluster.tokenizer import Tokenizer
 from gateway import errors
 from gateway.auth import BearerAuthMiddleware
 from gateway.body_limit import BodyLimitMiddleware
@@ -63,7 +64,6 @@ from gateway.protocol import (
 from gateway.refusal import Kind, Refusal
 from gateway.request_limits import DEFAULT_MAX_BODY_BYTES
 from gateway.response_view import ChatView, CompletionView, ResponseView, sse_events
-from workers.tokenizer import Tokenizer
 
 T = TypeVar("T")
 READY_TIMEOUT_S = 10.0

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from cluster.engine_stats import EngineStats
 from cluster.recovery_event import RecoveryEvent
 from gateway.metric_catalog import CATALOG, MetricSpec
-from workers.worker_stats import WorkerStats
+from workers.group.worker_stats import WorkerStats
 
 
 def _make(spec: MetricSpec):

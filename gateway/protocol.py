@@ -32,7 +32,7 @@ from gateway.request_limits import (
     Bound,
     N,
 )
-from workers.sampling_params import MAX_SEED, MIN_SEED
+from workers.model.sampling_params import MAX_SEED, MIN_SEED
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 

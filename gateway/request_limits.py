@@ -17,7 +17,7 @@ request message's size). The rest, in the order the front door checks them:
   `max_tokens` ≤ the model's context (`max_model_len`), which also caps `max_tokens`.
 
 The rules sampling itself owns (top_p in (0, 1], min_p in [0, 1], the seed range torch accepts)
-are `SamplingParams`' (workers/sampling_params.py); the front door reports them the same way.
+are `SamplingParams`' (workers/model/sampling_params.py); the front door reports them the same way.
 """
 
 from __future__ import annotations

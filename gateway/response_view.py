@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 from pydantic import BaseModel
 
 from cluster.request_output import RequestOutput
+from cluster.tokenizer import Tokenizer
 from gateway.errors import api_error
 from gateway.protocol import (
     ChatChoice,
@@ -30,7 +31,6 @@ from gateway.protocol import (
     Usage,
 )
 from gateway.refusal import Refusal
-from workers.tokenizer import Tokenizer
 
 DONE = "data: [DONE]\n\n"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.app import ServeOptions
-from workers.demo_checkpoint import MARKER_FILE as DEMO_MARKER_FILE
-from workers.device_memory import MemoryReport
+from gateway.demo_checkpoint import MARKER_FILE as DEMO_MARKER_FILE
+from workers.device.memory import MemoryReport
 
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
 SAMPLE_PROMPT = "Once upon a time"  # a continuation, not a question: the demo model's text is random

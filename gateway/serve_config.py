@@ -25,8 +25,8 @@ from ray import serve
 
 from gateway.app import ServeOptions, build_app
 from gateway.autoscaling import AutoscalingOptions
+from gateway.demo_checkpoint import ensure_demo_checkpoint
 from gateway.serve_command import parse_expert_replicas
-from workers.demo_checkpoint import ensure_demo_checkpoint
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 PROXY_FIELDS = frozenset({"host", "port", "grpc_port"})  # Serve's http_options / grpc_options own these

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.config import ModelConfig
-from workers.kv_cache import KVCache
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.kv_cache import KVCache
+from workers.weights.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # fp32: the kernel's own rounding only. Half precision: the two paths round p (and the output)

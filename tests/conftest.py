@@ -17,7 +17,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in demo checkpoint (seed 0), written once per test session."""
-    from workers.demo_checkpoint import write_demo_checkpoint
+    from gateway.demo_checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo-model"), progress=False)
 
@@ -25,7 +25,7 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Only the demo checkpoint's tokenizer files: for tests that need no weights (milliseconds)."""
-    from workers.demo_checkpoint import write_demo_tokenizer
+    from gateway.demo_checkpoint import write_demo_tokenizer
 
     out = tmp_path_factory.mktemp("demo-tokenizer")
     write_demo_tokenizer(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from cluster.engine import Engine
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 
 async def collect(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.experts import LayerExperts, reference_experts
+from workers.moe.experts import LayerExperts, reference_experts
 
 
 def random_experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype = torch.float32,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.kv_cache import KVCache
-from workers.mixtral import MixtralModel
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.kv_cache import KVCache
+from workers.model.mixtral import MixtralModel
 
 
 def save_hf_mixtral(out_dir: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):

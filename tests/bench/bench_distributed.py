@@ -76,15 +76,15 @@ from cluster.topology import TopologyConfig
 from cluster.worker_config import WorkerConfig
 from tests.bench.bench_engine import write_small_checkpoint
 from tests.bench.bench_util import Samples, print_table
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.config import ModelConfig
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
-from workers.step_link import StepLink
-from workers.step_loop import serve_steps
-from workers.step_message import StepMessage, StepRoute
+from workers.group.step_link import StepLink
+from workers.group.step_loop import serve_steps
+from workers.group.step_message import StepMessage, StepRoute
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
+from workers.model.sampling_params import SamplingParams
+from workers.weights.config import ModelConfig
 
 KINDS = ("decode", "prefill")
 TARGET_RATIO = 1.5  # distributed / single-process step time at TARGET_TOKENS, an upper bound

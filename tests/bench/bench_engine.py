@@ -39,9 +39,9 @@ from tqdm import tqdm
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
+from gateway.demo_checkpoint import write_demo_checkpoint
 from tests.bench.bench_util import Samples, print_table, verdict
-from workers.demo_checkpoint import write_demo_checkpoint
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 CONCURRENCIES = (1, 4, 16)
 HF_SEQUENTIAL, HF_PADDED = "HF one-by-one", "HF padded"

@@ -50,12 +50,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from cluster.tokenizer import Tokenizer
 from gateway.app import ServeOptions
+from gateway.demo_checkpoint import write_demo_checkpoint
 from gateway.engine_deployment import DEFAULT_BATCH_WAIT_TIMEOUT_S
 from tests.bench.bench_util import Samples, print_table
 from tests.e2e.conftest import Server, free_port, run_app
-from workers.demo_checkpoint import write_demo_checkpoint
-from workers.tokenizer import Tokenizer
 
 PROMPT = "The capital of France is"
 MODEL_NAME = "demo"
@@ -150,7 +150,7 @@ def replica_torch_threads(app_name: str) -> int:
 
 
 def in_process_probe(engine, prompt_ids: list[int]) -> Probe:
-    from workers.sampling_params import SamplingParams
+    from workers.model.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     count = 0

@@ -40,13 +40,13 @@ from safetensors.torch import save_file
 
 from tests.bench.bench_moe_layer import copy_bandwidth, matmul_flops
 from tests.bench.bench_util import print_table
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.config import ModelConfig
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
-from workers.weight_names import checkpoint_shapes
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
+from workers.model.sampling_params import SamplingParams
+from workers.weights.config import ModelConfig
+from workers.weights.weight_names import checkpoint_shapes
 
 FULL_SLICE = ModelConfig(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -403,7 +403,7 @@ def main() -> int:
               "(--cpu-smoke checks the script on the CPU)")
         return 0
     else:
-        from workers.device import select_device
+        from workers.device.selection import select_device
 
         setup = full_setup(select_device("cuda"), args)
     cfg, device = setup.cfg, setup.device

@@ -25,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from tests.bench.bench_util import print_table
-from workers.dispatcher import LocalDispatcher
-from workers.experts import LayerExperts, experts_impl_for, run_experts, swiglu
-from workers.moe import moe_block
-from workers.router import route
+from workers.moe.block import moe_block
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import LayerExperts, experts_impl_for, run_experts, swiglu
+from workers.moe.route import route
 
 GPU_TOKENS = (1, 64, 1024, 4096)
 

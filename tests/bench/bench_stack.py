@@ -88,7 +88,7 @@ def main() -> None:
     args.hf_prompts = args.hf_prompts or (4 if args.quick else 12)
     from transformers.utils import logging as hf_logging
 
-    from workers.demo_checkpoint import write_demo_checkpoint
+    from gateway.demo_checkpoint import write_demo_checkpoint
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

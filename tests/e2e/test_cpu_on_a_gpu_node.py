@@ -57,7 +57,7 @@ def test_cpu_group_on_a_cuda_looking_node_answers_as_transformers(cpu_server_on_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.tokenizer import Tokenizer
+    from cluster.tokenizer import Tokenizer
 
     url, marks = cpu_server_on_cuda_node
     # The premise: the CLI and Ray's worker processes all believed CUDA was there.

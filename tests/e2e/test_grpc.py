@@ -17,13 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
+from cluster.tokenizer import Tokenizer
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from gateway.grpc_stubs import moe_serve_pb2_grpc as pb_grpc
 from tests.e2e.conftest import Server
 from tests.e2e.serve_grpc import WithMetadata
-from workers.config import ModelConfig
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from workers.model.sampling_params import SamplingParams
+from workers.weights.config import ModelConfig
 
 MODEL_NAME = "demo"
 PROMPT = "The quick brown fox"

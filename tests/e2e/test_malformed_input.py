@@ -20,7 +20,7 @@ import pytest
 from tests.e2e.conftest import API_KEY, Server, run_app
 from tests.e2e.malformed_corpus import Case, http_cases
 from tests.e2e.malformed_grpc_corpus import GrpcCase, grpc_cases
-from workers.config import ModelConfig
+from workers.weights.config import ModelConfig
 
 MAX_ERROR_BODY_BYTES = 2048
 ECHO_WINDOW = 64  # no 64 bytes of the request may come back (so at most ~2 windows' worth of echo)

@@ -17,9 +17,9 @@ from ray.cluster_utils import Cluster
 
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
+from cluster.tokenizer import Tokenizer
 from tests.e2e.conftest import free_port, run_app
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from workers.model.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from cluster.tokenizer import Tokenizer
+from workers.model.sampling_params import SamplingParams
 
 PROMPT = "The quick brown fox"
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}

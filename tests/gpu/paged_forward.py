@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.kv_cache import KVCache
-from workers.mixtral import MixtralModel
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.kv_cache import KVCache
+from workers.model.mixtral import MixtralModel
 
 
 def prefill_logits(model: MixtralModel, ids: list[int], device: torch.device,

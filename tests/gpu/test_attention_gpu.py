@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from tests.attention_cases import TOLERANCE, DecodeCase, decode_cases, random_decode_step, random_mixed_step
-from workers.attention import CUDA_SDPA, CUDA_TRITON, AttentionWeights, attention, kernels_for
-from workers.attention_metadata import AttentionMetadata
-from workers.cuda_sdpa_attention import decode_without_cudnn, prefill_without_cudnn
-from workers.reference_attention import decode_reference, prefill_reference
-from workers.rope import RotaryEmbedding
+from workers.model.attention import CUDA_SDPA, CUDA_TRITON, AttentionWeights, attention, kernels_for
+from workers.model.attention_metadata import AttentionMetadata
+from workers.model.cuda_sdpa_attention import decode_without_cudnn, prefill_without_cudnn
+from workers.model.reference_attention import decode_reference, prefill_reference
+from workers.model.rope import RotaryEmbedding
 
 pytestmark = pytest.mark.gpu
 
@@ -109,7 +109,7 @@ def test_cuda_tensors_get_the_cuda_kernels(cuda):
 @pytest.mark.parametrize("window", [None, 9])
 def test_triton_decode_replays_in_a_cuda_graph(cuda, window):
     """Captured once, replayed after the step's inputs changed in place: no host value baked in."""
-    from workers.paged_attention import paged_decode_attention
+    from workers.model.paged_attention import paged_decode_attention
 
     step = random_decode_step(DecodeCase(300, 16, 8, 2, 64, window, "bfloat16"), cuda)
     decode = step.meta.decode_batch(window)

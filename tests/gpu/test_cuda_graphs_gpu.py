@@ -1,4 +1,4 @@
-"""Decode CUDA graphs (workers/cuda_graph_runner.py) on a GPU: replay equals the eager step.
+"""Decode CUDA graphs (workers/model/cuda_graph_runner.py) on a GPU: replay equals the eager step.
 
 - Model level, fp32 (TF32 off; the experts stage runs "dense" inside the graph) and bf16 (the
   grouped kernel where torch has it): at every bucket, a full bucket and one padded up to it give
@@ -26,15 +26,15 @@ from tests.engine_helpers import collect, run_requests
 from tests.gpu.decisive_checkpoint import save_decisive_mixtral, top2_gaps
 from tests.integration.test_engine import BASE, workload
 from tests.model_helpers import save_hf_mixtral
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.cuda_graph_buckets import decode_buckets
-from workers.cuda_graph_budget import CaptureBudget
-from workers.cuda_graph_capture import capture_decode_graphs
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.cuda_graph_buckets import decode_buckets
+from workers.model.cuda_graph_budget import CaptureBudget
+from workers.model.cuda_graph_capture import capture_decode_graphs
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
+from workers.model.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
@@ -100,7 +100,7 @@ def assert_same_step(got, want, dtype, what):
 
 def test_replay_equals_eager_at_every_bucket(model, cuda_device, caplog):
     cache, extents, ids = prefilled(model, cuda_device)
-    with caplog.at_level(logging.INFO, logger="workers.cuda_graph_capture"):
+    with caplog.at_level(logging.INFO, logger="workers.model.cuda_graph_capture"):
         graphs = capture_decode_graphs(model, cache, scratch_block=SCRATCH, max_num_seqs=MAX_SEQS)
     assert graphs.buckets == decode_buckets(MAX_SEQS)
     assert f"batch size {MAX_SEQS} captured" in caplog.text  # the progress line, largest first
@@ -131,7 +131,7 @@ def test_replay_never_waits_for_the_device(model, cuda_device):
 
 def test_a_spent_budget_skips_the_smaller_buckets(model, cuda_device, caplog):
     cache, extents, ids = prefilled(model, cuda_device)
-    with caplog.at_level(logging.WARNING, logger="workers.cuda_graph_capture"):
+    with caplog.at_level(logging.WARNING, logger="workers.model.cuda_graph_capture"):
         graphs = capture_decode_graphs(model, cache, scratch_block=SCRATCH, max_num_seqs=64,
                                        budget=CaptureBudget(max_seconds=1e-9))
     assert graphs.buckets == (64,)  # the largest is always captured

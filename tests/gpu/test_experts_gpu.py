@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.experts_helpers import per_row_reference, random_experts, sorted_rows
-from workers.dispatcher import LocalDispatcher
-from workers.experts import experts_impl_for, grouped_experts, reference_experts, run_experts
-from workers.moe import moe_block
-from workers.router import route
+from workers.moe.block import moe_block
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import experts_impl_for, grouped_experts, reference_experts, run_experts
+from workers.moe.route import route
 
 pytestmark = pytest.mark.gpu
 

@@ -16,7 +16,7 @@ from tests.gpu.decisive_checkpoint import kth_gaps, save_decisive_mixtral, top2_
 from tests.gpu.paged_forward import greedy_generate, prefill_logits
 from tests.model_helpers import save_hf_mixtral
 from tests.unit.test_model_vs_hf import CONFIGS, PROMPTS
-from workers.model_loader import load_local_model
+from workers.model.loader import load_local_model
 
 pytestmark = pytest.mark.gpu
 

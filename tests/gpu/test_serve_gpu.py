@@ -19,7 +19,7 @@ from cluster.local_engine import build_local_engine
 from tests.e2e.conftest import free_port
 from tests.engine_helpers import run_requests
 from tests.serve_process import ServeProcess
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 

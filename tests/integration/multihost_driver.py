@@ -22,7 +22,7 @@ import time
 
 from cluster.engine_config import EngineConfig
 from cluster.topology import TopologyConfig
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 RESULT_PREFIX = "MULTIHOST_RESULT "
 VOCAB = 101

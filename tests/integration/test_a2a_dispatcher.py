@@ -26,13 +26,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cluster.placement import place_experts
-from workers.a2a_dispatcher import AllToAllDispatcher
-from workers.capacity import keep_within_capacity
-from workers.dispatcher import LocalDispatcher
-from workers.experts import LayerExperts, reference_experts
-from workers.moe import experts_stage, moe_block
-from workers.router import Routing, empty_routing, route
-from workers.transport import LocalTransport, init_process_group, pick_free_port
+from workers.comm.transport import LocalTransport, init_process_group, pick_free_port
+from workers.moe.a2a_dispatcher import AllToAllDispatcher
+from workers.moe.block import experts_stage, moe_block
+from workers.moe.capacity import keep_within_capacity
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import LayerExperts, reference_experts
+from workers.moe.route import Routing, empty_routing, route
 
 HIDDEN, INTER = 16, 24
 LOOPBACK = "127.0.0.1"  # the test's choice; the library always takes the address from its caller

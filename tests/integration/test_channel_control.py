@@ -26,8 +26,8 @@ from cluster.topology import TopologyConfig
 from cluster.worker_fault import WorkerFailed
 from tests.engine_helpers import run_requests
 from tests.model_helpers import save_hf_mixtral
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.sampling_params import SamplingParams
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
 ENGINE_CFG = EngineConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_kv_blocks=64)

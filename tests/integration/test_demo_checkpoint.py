@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from workers import demo_checkpoint
-from workers.config import ModelConfig
-from workers.demo_checkpoint import (
+from cluster.tokenizer import Tokenizer
+from gateway import demo_checkpoint
+from gateway.demo_checkpoint import (
     CHECKPOINT_FILES,
     DEMO_VOCAB_SIZE,
     demo_config,
     ensure_demo_checkpoint,
     write_demo_checkpoint,
 )
-from workers.demo_corpus import demo_corpus
-from workers.tokenizer import Tokenizer
-from workers.weight_names import checkpoint_shapes
+from gateway.demo_corpus import demo_corpus
+from workers.weights.config import ModelConfig
+from workers.weights.weight_names import checkpoint_shapes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_TEXTS = [

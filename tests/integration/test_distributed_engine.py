@@ -15,7 +15,7 @@ from cluster.local_engine import build_local_engine
 from cluster.topology import TopologyConfig
 from tests.engine_helpers import run_requests
 from tests.model_helpers import save_hf_mixtral
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 VOCAB = 101
 

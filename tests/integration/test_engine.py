@@ -20,8 +20,8 @@ from cluster.local_engine import build_local_engine
 from cluster.topology import TopologyConfig
 from tests.engine_helpers import collect, run_requests
 from tests.model_helpers import save_hf_mixtral
-from workers.config import ModelConfig
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
+from workers.weights.config import ModelConfig
 
 VOCAB = 101
 

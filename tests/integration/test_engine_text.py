@@ -6,8 +6,8 @@ import asyncio
 
 from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from cluster.tokenizer import Tokenizer
+from workers.model.sampling_params import SamplingParams
 
 
 def stream(model_dir, prompt_ids, params):

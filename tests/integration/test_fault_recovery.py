@@ -34,7 +34,7 @@ from cluster.recovery_event import RecoveryEvent
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.topology import TopologyConfig
 from cluster.worker_fault import WorkerFailed, WorkerFault
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 NUM_REQUESTS = 50
 MAX_TOKENS = 24

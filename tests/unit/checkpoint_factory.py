@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from workers.config import ModelConfig
-from workers.weight_names import checkpoint_shapes
+from workers.weights.config import ModelConfig
+from workers.weights.weight_names import checkpoint_shapes
 
 TINY_MIXTRAL: dict[str, Any] = {
     "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,

@@ -17,8 +17,8 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from tests.attention_cases import decode_cases, random_decode_step  # noqa: E402
-from workers.paged_attention import paged_decode_attention  # noqa: E402
-from workers.reference_attention import decode_reference  # noqa: E402
+from workers.model.paged_attention import paged_decode_attention  # noqa: E402
+from workers.model.reference_attention import decode_reference  # noqa: E402
 
 
 def run(case) -> dict:

@@ -7,8 +7,8 @@ from cluster.block_manager import BlockManager
 from cluster.scheduler import Scheduler
 from cluster.scheduler_config import SchedulerConfig
 from cluster.sequence import FinishReason, Sequence
-from workers.batch_spec import ScheduledBatch
-from workers.sampling_params import SamplingParams
+from workers.model.batch_spec import ScheduledBatch
+from workers.model.sampling_params import SamplingParams
 
 
 def make_scheduler(

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from tests.device_audit import DeviceAudit
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
+from workers.model.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
 

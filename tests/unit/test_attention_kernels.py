@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.attention_cases import random_mixed_step
-from workers.attention import CUDA_SDPA, CUDA_TRITON, REFERENCE, kernels_for, select_kernels
-from workers.attention_metadata import AttentionMetadata
-from workers.cuda_sdpa_attention import decode_without_cudnn, prefill_without_cudnn
-from workers.reference_attention import decode_reference, prefill_reference
+from workers.model.attention import CUDA_SDPA, CUDA_TRITON, REFERENCE, kernels_for, select_kernels
+from workers.model.attention_metadata import AttentionMetadata
+from workers.model.cuda_sdpa_attention import decode_without_cudnn, prefill_without_cudnn
+from workers.model.reference_attention import decode_reference, prefill_reference
 
 BLOCK = 4
 

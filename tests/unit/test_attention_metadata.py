@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from workers.attention_metadata import AttentionMetadata, SeqExtent, context_slots, visible_mask
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent, context_slots, visible_mask
 
 BLOCK = 4
 

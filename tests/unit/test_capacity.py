@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from cluster.placement import place_experts
-from workers.a2a_dispatcher import AllToAllDispatcher
-from workers.capacity import expert_capacity, keep_within_capacity, position_in_expert
-from workers.dispatcher import LocalDispatcher
-from workers.experts import LayerExperts, reference_experts
-from workers.moe import experts_stage, moe_block
-from workers.router import route
-from workers.transport import LocalTransport
+from workers.comm.transport import LocalTransport
+from workers.moe.a2a_dispatcher import AllToAllDispatcher
+from workers.moe.block import experts_stage, moe_block
+from workers.moe.capacity import expert_capacity, keep_within_capacity, position_in_expert
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import LayerExperts, reference_experts
+from workers.moe.route import route
 
 HIDDEN, INTER, NUM_EXPERTS = 12, 20, 6
 

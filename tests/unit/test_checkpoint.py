@@ -17,15 +17,15 @@ from tests.unit.checkpoint_factory import (
     read_checkpoint_files,
     write_checkpoint,
 )
-from workers.checkpoint import (
+from workers.weights.checkpoint import (
     Checkpoint,
     CheckpointError,
     ExpertTensors,
     load_checkpoint,
 )
-from workers.config import ConfigError, ModelConfig
-from workers.dtypes import DtypeError, dtype_name, parse_dtype
-from workers.weight_names import (
+from workers.weights.config import ConfigError, ModelConfig
+from workers.weights.dtypes import DtypeError, dtype_name, parse_dtype
+from workers.weights.weight_names import (
     all_expert_pairs,
     attention_weight_shapes,
     checkpoint_shapes,

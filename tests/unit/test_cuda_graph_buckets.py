@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from workers.attention_metadata import SeqExtent
-from workers.cuda_graph_buckets import DEFAULT_BUCKET_SIZES, bucket_for, decode_buckets, decode_step_bucket
-from workers.cuda_graph_budget import CaptureBudget
+from workers.model.attention_metadata import SeqExtent
+from workers.model.cuda_graph_buckets import (
+    DEFAULT_BUCKET_SIZES,
+    bucket_for,
+    decode_buckets,
+    decode_step_bucket,
+)
+from workers.model.cuda_graph_budget import CaptureBudget
 
 
 @pytest.mark.parametrize(("max_num_seqs", "want"), [

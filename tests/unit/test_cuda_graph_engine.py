@@ -14,10 +14,10 @@ from cluster.engine_config import EngineConfig
 from cluster.executor import LocalExecutor
 from tests.integration import test_engine as cpu_cases
 from tests.model_helpers import save_hf_mixtral
-from workers.cuda_graph_runner import DecodeGraphRunner
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
+from workers.model.cuda_graph_runner import DecodeGraphRunner
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
 
 CASES = (
     "test_batch_invariance_greedy",

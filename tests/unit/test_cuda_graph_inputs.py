@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.cuda_graph_inputs import DecodeGraphInputs, DecodeGraphShape, pad_decode_step
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.cuda_graph_inputs import DecodeGraphInputs, DecodeGraphShape, pad_decode_step
 
 P = 4
 SHAPE = DecodeGraphShape(max_batch=8, max_blocks=6, block_size=P, scratch_block=30)

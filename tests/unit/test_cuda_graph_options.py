@@ -8,7 +8,7 @@ from cluster.engine_config import EngineConfig
 from cluster.local_engine import build_local_engine
 from gateway.app import ServeOptions
 from gateway.cli import build_parser
-from workers.cuda_graph_capture import use_decode_graphs
+from workers.model.cuda_graph_capture import use_decode_graphs
 
 
 def test_enforce_eager_flag_reaches_the_engine_config():

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tests.model_helpers import save_hf_mixtral
-from workers.attention_metadata import AttentionMetadata, SeqExtent
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.cuda_graph_runner import DecodeGraphRunner
-from workers.kv_cache import KVCache
-from workers.model_loader import load_local_model
-from workers.model_runner import ModelRunner
-from workers.sampling_params import SamplingParams
+from workers.model.attention_metadata import AttentionMetadata, SeqExtent
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.cuda_graph_runner import DecodeGraphRunner
+from workers.model.kv_cache import KVCache
+from workers.model.loader import load_local_model
+from workers.model.runner import ModelRunner
+from workers.model.sampling_params import SamplingParams
 
 P = 4
 NUM_BLOCKS = 40

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from cluster.resource_check import describe_missing, missing_resources
-from workers.collective_backend import RankDevice, choose_backend, describe_choice
-from workers.config import ModelConfig
-from workers.device import DeviceError, resolve_device, resolve_dtype
-from workers.device_memory import (
+from workers.comm.collective_backend import RankDevice, choose_backend, describe_choice
+from workers.device.memory import (
     DeviceMemoryError,
     activation_reserve_bytes,
     check_weights_fit,
     kv_block_bytes,
     num_kv_blocks_for_budget,
 )
+from workers.device.selection import DeviceError, resolve_device, resolve_dtype
+from workers.weights.config import ModelConfig
 
 CPU, CUDA0 = torch.device("cpu"), torch.device("cuda", 0)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from cluster.dispatch_mode import low_latency_tokens, with_dispatch_mode
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.sampling_params import SamplingParams
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.sampling_params import SamplingParams
 
 
 def seq(seq_id: int, num_new: int) -> ScheduledSeq:

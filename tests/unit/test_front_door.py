@@ -20,6 +20,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from cluster.request_output import RequestOutput
+from cluster.tokenizer import Tokenizer
 from gateway.admission import EngineDraining, EngineOverloaded
 from gateway.deadline import DeadlineExceeded
 from gateway.errors import HTTP_STATUS
@@ -37,7 +38,6 @@ from gateway.request_limits import (
     max_prompt_chars,
 )
 from tests.unit.gateway_fakes import FakeContext, FakeEngine, make_ingress
-from workers.tokenizer import Tokenizer
 
 MODEL = "demo"
 KEY = "sk-front-door"

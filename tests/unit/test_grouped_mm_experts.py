@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.experts_helpers import per_row_reference, random_experts, sorted_rows
-from workers.dispatcher import LocalDispatcher
-from workers.experts import (
+from workers.moe.block import moe_block
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import (
     LayerExperts,
     _grouped_mm_is_sync_free,
     experts_impl_for,
@@ -24,8 +25,7 @@ from workers.experts import (
     reference_experts,
     run_experts,
 )
-from workers.moe import moe_block
-from workers.router import count_per_expert, route
+from workers.moe.route import count_per_expert, route
 
 HIDDEN, INTER = 32, 24  # 16-byte rows in fp32 and bf16
 

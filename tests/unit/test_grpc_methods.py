@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from ray.serve.exceptions import BackPressureError
 
 from cluster.request_output import RequestOutput
+from cluster.tokenizer import Tokenizer
 from gateway import grpc_stubs
 from gateway.engine_failures import classify
 from gateway.front_door import FrontDoor, ServingLimits, grpc_sampling_values
@@ -24,8 +25,7 @@ from gateway.grpc_methods import GrpcService
 from gateway.grpc_status import GrpcError, grpc_error
 from gateway.grpc_stubs import moe_serve_pb2 as pb
 from tests.unit.gateway_fakes import FakeContext, FakeEngine
-from workers.sampling_params import SamplingParams, SamplingParamsError
-from workers.tokenizer import Tokenizer
+from workers.model.sampling_params import SamplingParams, SamplingParamsError
 
 KEY = "sk-test"
 

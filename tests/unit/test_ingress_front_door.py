@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from cluster.request_output import RequestOutput
+from cluster.tokenizer import Tokenizer
 from gateway import errors, ingress
 from gateway.ingress import Ingress
 from gateway.request_limits import max_prompt_chars
 from tests.unit import gateway_fakes
-from workers.tokenizer import Tokenizer
 
 MODEL = "demo"
 MAX_MODEL_LEN = 4096  # the demo model's: its longest accepted text is 65,536 characters

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers.dispatcher import LocalDispatcher
-from workers.experts import LayerExperts, reference_experts
-from workers.linear import ENV_VAR, MIN_PACKED_NUMEL, PackedLinear, _ops_work
-from workers.moe import moe_block
-from workers.router import route
+from workers.moe.block import moe_block
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import LayerExperts, reference_experts
+from workers.moe.linear import ENV_VAR, MIN_PACKED_NUMEL, PackedLinear, _ops_work
+from workers.moe.route import route
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +130,7 @@ def test_layer_experts_survive_pickle():
 
 
 def test_falls_back_when_the_ops_are_missing(monkeypatch):
-    monkeypatch.setattr("workers.linear._ops_work", lambda dtype: False)
+    monkeypatch.setattr("workers.moe.linear._ops_work", lambda dtype: False)
     w = weight(1024, 512)
     lin = PackedLinear.pack(w)
     assert not lin.is_packed

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.model_helpers import greedy_generate, prefill_logits, save_hf_mixtral
-from workers.model_loader import load_local_model
+from workers.model.loader import load_local_model
 
 CONFIGS = {
     "mha_gqa1": dict(num_attention_heads=4, num_key_value_heads=4),

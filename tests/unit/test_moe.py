@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.dispatcher import LocalDispatcher
-from workers.experts import LayerExperts, reference_experts, swiglu
-from workers.moe import moe_block
-from workers.router import route
+from workers.moe.block import moe_block
+from workers.moe.dispatcher import LocalDispatcher
+from workers.moe.experts import LayerExperts, reference_experts, swiglu
+from workers.moe.route import route
 
 
 class _Expert:
@@ -98,6 +98,6 @@ def test_matches_transformers_sparse_moe_block():
     with torch.no_grad():
         ref = hf(x)
         ref = ref[0] if isinstance(ref, tuple) else ref
-    got = moe_block(0, x.reshape(-1, 32), hf.gate.weight.detach(), 2, LocalDispatcher(len(experts.expert_ids)),
-                    experts)
+    dispatcher = LocalDispatcher(len(experts.expert_ids))
+    got = moe_block(0, x.reshape(-1, 32), hf.gate.weight.detach(), 2, dispatcher, experts)
     torch.testing.assert_close(got, ref.reshape(-1, 32), rtol=1e-5, atol=1e-5)

@@ -16,7 +16,7 @@ from gateway.merge_streams import merge_streams
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.refusal import Kind, Refusal
 from gateway.response_view import ChatView, CompletionView, sse_events
-from workers.sampling_params import MAX_SEED, SamplingParams, SamplingParamsError
+from workers.model.sampling_params import MAX_SEED, SamplingParams, SamplingParamsError
 
 
 def completion(**fields) -> CompletionRequest:
@@ -142,7 +142,7 @@ def test_merge_raises_the_first_error_and_cancels_the_rest():
 
 
 def test_sse_ends_with_usage_then_done_and_errors_become_events(demo_tokenizer_dir):
-    from workers.tokenizer import Tokenizer
+    from cluster.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(demo_tokenizer_dir)
 

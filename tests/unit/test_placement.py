@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.placement import Placement, place_experts, replicate_hot_experts
-from workers.expert_map import ExpertMap
+from workers.moe.expert_map import ExpertMap
 
 
 def copies_per_worker(p: Placement, layer: int) -> list[int]:

@@ -101,7 +101,7 @@ def test_quick_start_make_targets_pass_their_options():
 
 
 def test_make_demo_model_writes_where_the_server_reads():
-    from workers.demo_checkpoint import default_demo_dir
+    from gateway.demo_checkpoint import default_demo_dir
 
     out = subprocess.run(["make", "-n", "demo-model"], cwd=REPO, capture_output=True, text=True, timeout=60,
                          check=True).stdout.splitlines()
@@ -137,7 +137,7 @@ def test_quick_start_commands_that_finish_run_as_written(tmp_path):
 def test_quick_start_banner_is_the_real_one():
     from gateway.app import ServeOptions
     from gateway.serve_banner import MetricsEndpoint, banner, metrics_lines
-    from workers.device_memory import MemoryReport
+    from workers.device.memory import MemoryReport
 
     quick = section(README.read_text(), "Quick start")
     shown = next(block for block in code_blocks(quick, "") if block.startswith("moe-serve: serving"))

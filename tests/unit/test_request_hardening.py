@@ -9,6 +9,7 @@ import asyncio
 import pytest
 from pydantic import ValidationError
 
+from cluster.tokenizer import Tokenizer
 from gateway import errors, refusal
 from gateway.auth import BearerAuthMiddleware, route_path
 from gateway.front_door import FrontDoor, ServingLimits
@@ -17,7 +18,6 @@ from gateway.openapi_doc import error_responses
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.refusal import Refusal
 from gateway.request_limits import max_prompt_chars
-from workers.tokenizer import Tokenizer
 
 
 def test_max_prompt_chars_is_the_context_times_the_longest_token():

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from workers.sampler import SampleKey, SampleOutput, sample, sampling_probs
-from workers.sampling_params import SamplingParams
+from workers.model.sampler import SampleKey, SampleOutput, sample, sampling_probs
+from workers.model.sampling_params import SamplingParams
 
 V = 50
 

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from workers.sampling_params import SamplingParams, SamplingParamsError
+from workers.model.sampling_params import SamplingParams, SamplingParamsError
 
 
 def test_defaults_match_openai():

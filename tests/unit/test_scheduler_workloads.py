@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cluster.scheduler import Scheduler
 from cluster.sequence import Sequence
 from tests.unit.scheduler_helpers import FakeRunner, make_scheduler, make_seq, run_alone, stops
-from workers.batch_spec import ScheduledBatch
+from workers.model.batch_spec import ScheduledBatch
 
 
 def check_invariants(sched: Scheduler, batch: ScheduledBatch, before: dict[int, int]) -> None:

@@ -1,5 +1,5 @@
 """The step channel without Ray: the engine's StepBroadcast feeding real worker step loops
-(workers/step_loop.py) that run on threads here, through the shared-memory ring and over TCP."""
+(workers/group/step_loop.py) that run on threads here, through the shared-memory ring and over TCP."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from multiprocessing import shared_memory
 import pytest
 
 from cluster.step_broadcast import StepBroadcast, StepChannelClosed, WorkerStepError, choose_vias
-from workers import step_frame
-from workers.batch_spec import ScheduledBatch, ScheduledSeq
-from workers.sampling_params import SamplingParams
-from workers.step_link import StepLink
-from workers.step_loop import serve_steps
-from workers.step_message import StepMessage, StepRoute
-from workers.step_ring import StaleSlot, StepRing
+from workers.group import step_frame
+from workers.group.step_link import StepLink
+from workers.group.step_loop import serve_steps
+from workers.group.step_message import StepMessage, StepRoute
+from workers.group.step_ring import StaleSlot, StepRing
+from workers.model.batch_spec import ScheduledBatch, ScheduledSeq
+from workers.model.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.stop_checker import StopChecker, StopDecision
-from workers.sampling_params import SamplingParams
+from workers.model.sampling_params import SamplingParams
 
 EOS = 2
 PLAIN = 100  # a token id that is neither EOS nor a stop token

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, decoders, models, normalizers
 
-from workers.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from cluster.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
 # Characters of 1 to 4 UTF-8 bytes, spaces, and the special-token strings' pieces.
 TRICKY_TEXT = st.text(alphabet=st.sampled_from(list("ab <s>/\n\t.é中🙂") + ["\u00a0", "\u200d"]), max_size=40)
