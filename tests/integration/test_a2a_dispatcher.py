@@ -238,16 +238,20 @@ def test_two_attention_four_expert_ranks():
     ])
 
 
-def test_world_size_one_is_the_local_dispatcher():
-    """One rank holding every expert over the loopback transport: the same numbers as LocalDispatcher."""
-    sc = Scenario("loopback", (21,), 1, num_layers=1)
+def loopback(name: str, num_tokens: int):
+    """One rank holding every expert of one layer over the loopback transport."""
+    sc = Scenario(name, (num_tokens,), 1, num_layers=1)
     all_experts, gates = model_for(sc)
-    experts = {0: stack(all_experts[0], tuple(range(8)), torch.float32)}
     expert_map = place_experts(1, 8, 1).to_expert_map(first_expert_rank=0)
     dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport())
-    x = tokens_for(sc, 0)
-    got = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
-    want = moe_block(0, x, gates[0], 2, LocalDispatcher(8), experts[0])
+    return dispatcher, stack(all_experts[0], tuple(range(8)), torch.float32), gates[0], tokens_for(sc, 0)
+
+
+def test_world_size_one_is_the_local_dispatcher():
+    """One rank holding every expert over the loopback transport: the same numbers as LocalDispatcher."""
+    dispatcher, experts, gate, x = loopback("loopback", 21)
+    got = moe_block(0, x, gate, 2, dispatcher, experts)
+    want = moe_block(0, x, gate, 2, LocalDispatcher(8), experts)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     snap = dispatcher.stats.snapshot_and_reset()
     assert sum(snap.tokens_per_expert.values()) == 21 * 2
@@ -256,21 +260,16 @@ def test_world_size_one_is_the_local_dispatcher():
 
 
 def test_world_size_one_low_latency_equals_exact():
-    sc = Scenario("loopback-low-latency", (9,), 1, num_layers=1)
-    all_experts, gates = model_for(sc)
-    experts = {0: stack(all_experts[0], tuple(range(8)), torch.float32)}
-    expert_map = place_experts(1, 8, 1).to_expert_map(first_expert_rank=0)
-    dispatcher = AllToAllDispatcher(0, expert_map, LocalTransport())
-    x = tokens_for(sc, 0)
-    exact = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+    dispatcher, experts, gate, x = loopback("loopback-low-latency", 9)
+    exact = moe_block(0, x, gate, 2, dispatcher, experts)
     dispatcher.begin_step(16)  # more room than tokens: padding on every segment
-    low_latency = moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+    low_latency = moe_block(0, x, gate, 2, dispatcher, experts)
     torch.testing.assert_close(low_latency, exact, rtol=1e-6, atol=1e-6)
     snap = dispatcher.stats.snapshot_and_reset()
     assert snap.num_dispatches == 2 and sum(snap.tokens_per_expert.values()) == 2 * 9 * 2
     with pytest.raises(ValueError, match="buffers hold 4"):
         dispatcher.begin_step(4)
-        moe_block(0, x, gates[0], 2, dispatcher, experts[0])
+        moe_block(0, x, gate, 2, dispatcher, experts)
 
 
 def test_experts_given_must_match_the_map():
