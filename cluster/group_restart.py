@@ -1,8 +1,9 @@
 """Restarting a model group's workers in their bundles after a worker fault (DESIGN.md §5).
 
-Every member is replaced, not just the one that failed: live members may be blocked in a
-collective with the dead peer (gloo only gives up after its own timeout), so killing and
-restarting every member into the same bundles is both simpler and faster than unpicking them.
+Every member is replaced: live members may be blocked in a collective with a stalled peer
+(gloo only gives up after its own timeout), and a dead attention worker took its KV cache
+with it. An expert worker that died is repaired alone first (cluster/worker_repair.py); this
+restart is what follows when that repair cannot be done.
 Ray reschedules the bundles of a node that is gone onto other nodes when resources allow; the
 restart waits for that, and starts again when a bundle moves under it, bounded by the
 caller's timeout.
@@ -61,7 +62,7 @@ async def restart_group(group: RestartableGroup, timeout_s: float) -> list[dict]
     group.kill_all()
     try:
         # Their bundles are reused: the new workers fit only once Ray has let the old go.
-        await within_deadline(_until_dead(old))
+        await within_deadline(until_dead(old))
         log.info("old workers gone after %.2fs; restarting", timeout_s - (deadline - time.monotonic()))
         return await _restart_until_up(group, within_deadline)
     except TimeoutError:
@@ -95,7 +96,7 @@ async def _restart(group: RestartableGroup, within_deadline) -> list[dict]:
     """
     pg = group.reservation.placement_group
     await within_deadline(awaited(pg.ready()))
-    watcher = asyncio.ensure_future(_until_moved(pg, _layout(pg)))
+    watcher = asyncio.ensure_future(until_moved(pg, layout(pg)))
     starting = asyncio.ensure_future(group.start_and_join())
     try:
         await within_deadline(asyncio.wait({watcher, starting}, return_when=asyncio.FIRST_COMPLETED))
@@ -107,16 +108,19 @@ async def _restart(group: RestartableGroup, within_deadline) -> list[dict]:
     raise BundlesMoved("a bundle of the model group moved to another node while its workers started")
 
 
-def _layout(pg: PlacementGroup) -> tuple[str, dict]:
+def layout(pg: PlacementGroup) -> tuple[str, dict]:
+    """The placement group's state and which node holds each bundle."""
     table = placement_group_table(pg)
     return table.get("state", ""), dict(table.get("bundles_to_node_id", {}))
 
 
-async def _until_moved(pg: PlacementGroup, layout: tuple[str, dict], poll_s: float = 0.5) -> None:
-    while _layout(pg) == layout:
+async def until_moved(pg: PlacementGroup, before: tuple[str, dict], poll_s: float = 0.5) -> None:
+    """Returns once the placement group's state or bundle placement differs from `before`."""
+    while layout(pg) == before:
         await asyncio.sleep(poll_s)
 
 
-async def _until_dead(actors: list, poll_s: float = 0.2) -> None:
+async def until_dead(actors: list, poll_s: float = 0.2) -> None:
+    """Returns once Ray reports every actor DEAD (their bundles are free again)."""
     while not all(actor_state(a) == "DEAD" for a in actors):
         await asyncio.sleep(poll_s)

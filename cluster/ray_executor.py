@@ -16,14 +16,17 @@ Faults (DESIGN.md §5). A step is also the watchdog: a worker that died (its Ray
 step loop's, fails with RayActorError; on the channel its socket closes first), a step that
 raised (a Ray task error, or the failure its loop reports back), or a step that did not finish
 within `step_timeout_s` (a peer stopped mid-collective) becomes a `WorkerFailed` naming the
-worker (cluster/fault_diagnosis.py). `recover` then replaces the whole group in its bundles
-(cluster/group_restart.py), and the new workers start their loops again.
+worker (cluster/fault_diagnosis.py). `recover` then replaces a dead expert worker alone
+(cluster/worker_repair.py: the others keep their weights and KV caches), or, for any other
+fault or when that repair fails, the whole group in its bundles (cluster/group_restart.py);
+either way the group's step loops start again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 import ray
@@ -40,6 +43,7 @@ from cluster.step_broadcast import StepChannelClosed
 from cluster.step_loops import StepLoops, open_step_loops, open_step_loops_async
 from cluster.topology import TopologyConfig, worker_bundles
 from cluster.worker_fault import WorkerFailed, WorkerFault
+from cluster.worker_repair import repair_worker, repairable
 from workers.comm.collective_backend import RankDevice, choose_backend, describe_choice
 from workers.device.memory import MemoryReport
 from workers.group.attention_worker import AttentionWorker
@@ -181,10 +185,23 @@ class RayExecutor:
                       actor_ids=tuple(actor_id(w) for w in self.workers), node_ids=dict(self._nodes))
 
     async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
-        """Replace every worker and re-form the process group; returns the kinds restarted.
+        """Replace the failed worker, or every worker, and re-form the process group; returns the
+        kinds restarted: ("expert",) when only a dead expert worker was replaced (every KV cache
+        kept, cluster/worker_repair.py), else one kind per rank (the whole group restarted).
 
-        Raises TimeoutError when the group is not back within `timeout_s`.
+        The one-worker repair gets `timeout_s`; when it fails, the group restart gets `timeout_s`
+        again. Raises TimeoutError when the group is not back within it.
         """
+        if repairable(fault, has_step_loops=self.loops is not None):
+            t0 = time.perf_counter()
+            try:
+                where = await repair_worker(self, fault.rank, timeout_s)
+            except Exception as exc:  # anything: the group restart below starts from scratch
+                log.warning("repairing %s worker rank %d alone failed after %.2fs (%s); restarting the "
+                            "whole group", fault.kind, fault.rank, time.perf_counter() - t0, one_line(exc))
+            else:
+                self._nodes = {info["rank"]: info.get("node_id") for info in where}
+                return (self.kind_of(fault.rank),)
         where = await restart_group(self, timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in where}
         return tuple(self.kind_of(rank) for rank in range(self.spec.world_size))
@@ -194,6 +211,34 @@ class RayExecutor:
         `where()` answers."""
         self._close_loops()
         self._start_all()
+        return await self._form_group()
+
+    def take_loops(self) -> StepLoops | None:
+        """The step loops, which the caller now owns (a repair closes them once the dead worker is killed)."""
+        loops, self.loops = self.loops, None
+        return loops
+
+    async def start_worker(self, rank: int) -> None:
+        """A new worker for `rank` in its bundle (the old one is dead); returns once it answers."""
+        self.workers[rank] = self._start(rank, worker_bundles(self.topology)[rank])
+        self.attention = self.workers[: self.spec.num_attention_workers]
+        self.experts = self.workers[self.spec.num_attention_workers:]
+        await awaited(self.workers[rank].where.remote())
+
+    def kill_worker(self, rank: int) -> None:
+        ray.kill(self.workers[rank], no_restart=True)
+
+    async def rejoin(self, rank: int) -> list[dict]:
+        """The workers other than the new `rank` leave their process group (keeping their weights
+        and KV caches); all rendezvous, join, start their step loops; their `where()` answers."""
+        t0 = time.perf_counter()
+        await asyncio.gather(*[awaited(w.leave.remote()) for r, w in enumerate(self.workers) if r != rank])
+        where = await self._form_group()
+        log.info("model group re-formed around a new rank %d in %.2fs", rank, time.perf_counter() - t0)
+        return where
+
+    async def _form_group(self) -> list[dict]:
+        """Every worker (started, in no process group) rendezvous, joins, starts its step loop."""
         workers = self.workers
         devices = await asyncio.gather(*[awaited(w.rank_device.remote()) for w in workers])
         self.backend = self._choose_backend(list(devices))

@@ -1,10 +1,13 @@
 """What the engine does about a worker fault (DESIGN.md §5): replace the workers, or give up.
 
 When a step fails with `WorkerFailed`, the engine drops the step and hands the fault here.
-Every running sequence goes back to the waiting queue (the KV caches are gone with the
-workers), the executor replaces its workers, and the step loop carries on: the next steps
-prefill those sequences again from prompt + generated ids, so a greedy continuation is the
-one it would have been. Streams pause meanwhile. When the recovery policy refuses, or the
+The executor replaces what failed and says which kinds of worker it restarted. A dead expert
+worker is repaired alone (cluster/worker_repair.py): every KV cache is kept, nothing is
+requeued, and the engine's next step re-runs the one that failed (the scheduler only advances
+a sequence when a step's results come back). When an attention worker was restarted (the
+whole group was), every running sequence goes back to the waiting queue and the next steps
+prefill it again from prompt + generated ids, so a greedy continuation is the one it would
+have been. Streams pause meanwhile. When the recovery policy refuses, or the
 recovery itself fails, every request ends with an explicit error and the engine turns
 unhealthy for good: new requests get the same error at once.
 
@@ -43,7 +46,7 @@ class Recovery:
 
     async def recover(self, fault: WorkerFault, executor: Executor, *, requeue_running: Callable[[], int],
                       fail_all: Callable[[str], None]) -> None:
-        """Requeue what lost its KV cache and replace the executor's workers, or give up.
+        """Have the executor replace its failed worker(s) and requeue what lost its KV cache, or give up.
 
         `requeue_running()` sends every running sequence back to waiting and says how many;
         `fail_all(message)` ends every request in flight with that error.
@@ -52,28 +55,32 @@ class Recovery:
         now = time.monotonic()
         self.num_worker_faults += 1
         log.error("engine step failed: %s", fault.describe())
-        num_requeued = requeue_running()
         if not self.policy.may_recover(self._attempt_times, now):
             why = (f"{self.policy.max_recoveries} recoveries within {self.policy.window_s:g}s "
                    f"already; not trying again")
+            num_requeued = requeue_running()
             self._give_up(fault, why, fail_all)
             self._emit(RecoveryEvent(fault, "refused", time.perf_counter() - t0, (), num_requeued, why))
             return
         self._attempt_times.append(now)
-        log.warning("recovering: restarting the model group, %d sequences will prefill again", num_requeued)
+        log.warning("recovering from a fault of %s worker rank %s", fault.kind, fault.rank)
         try:
-            kinds = await executor.recover(fault, self.policy.timeout_s)
+            kinds = tuple(await executor.recover(fault, self.policy.timeout_s))
         except Exception as exc:  # no resources, a worker that cannot start, a timeout
             why = f"recovery failed: {type(exc).__name__}: {exc}"
             log.exception("engine recovery failed")
+            num_requeued = requeue_running()
             self._give_up(fault, why, fail_all)
             self._emit(RecoveryEvent(fault, "failed", time.perf_counter() - t0, (), num_requeued, why))
             return
+        # Only a restarted attention worker loses KV caches; with every attention worker kept, the
+        # step that failed simply runs again (it rewrites the same KV slots, and sampled nothing).
+        num_requeued = requeue_running() if kv_lost(kinds) else 0
         self.num_recoveries += 1
         seconds = time.perf_counter() - t0
-        log.warning("recovered in %.2fs (%d workers restarted) from: %s", seconds, len(kinds),
-                    fault.describe())
-        self._emit(RecoveryEvent(fault, "recovered", seconds, tuple(kinds), num_requeued))
+        log.warning("recovered in %.2fs (%d workers restarted: %s; %d sequences prefill again) from: %s",
+                    seconds, len(kinds), ", ".join(kinds), num_requeued, fault.describe())
+        self._emit(RecoveryEvent(fault, "recovered", seconds, kinds, num_requeued))
 
     def _give_up(self, fault: WorkerFault, why: str, fail_all: Callable[[str], None]) -> None:
         self.unhealthy_reason = f"engine unavailable: {fault.describe()}; {why}"
@@ -86,3 +93,9 @@ class Recovery:
                 listener(event)
             except Exception:  # metrics must never take the engine down
                 log.exception("recovery listener failed")
+
+
+def kv_lost(restarted_kinds: tuple[str, ...]) -> bool:
+    """Whether a recovery that restarted these kinds of worker lost KV caches (attention workers
+    hold them)."""
+    return "attention" in restarted_kinds

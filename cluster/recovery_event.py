@@ -14,6 +14,8 @@ class RecoveryEvent:
     fault: WorkerFault
     outcome: str  # one of OUTCOMES
     seconds: float  # fault seen → workers back (or given up)
-    restarted_kinds: tuple[str, ...] = ()  # one entry per restarted worker: "attention" | "expert"
+    # One entry per restarted worker, "attention" | "expert": ("expert",) when a dead expert worker
+    # was repaired alone (cluster/worker_repair.py), one per rank when the whole group restarted.
+    restarted_kinds: tuple[str, ...] = ()
     num_requeued: int = 0  # sequences that lost their KV cache and prefill again
     error: str | None = None  # why recovery failed or was refused

@@ -24,6 +24,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from cluster.actor_state import actor_id
 from cluster.distributed_engine import build_distributed_engine
 from cluster.engine import Engine
 from cluster.engine_config import EngineConfig
@@ -122,10 +123,22 @@ async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_afte
             await asyncio.sleep(0.01)
         injected_at = engine.stats().num_generated_tokens
         fault()
+        resumed = asyncio.ensure_future(_until_generated(engine, injected_at + len(requests), tasks))
     results = await asyncio.wait_for(asyncio.gather(*tasks), RUN_DEADLINE_S)
     engine.recovery.listeners.remove(events.append)
     return {"tokens": [r["tokens"] for r in results], "results": results, "events": events,
-            "injected_at": injected_at}
+            "injected_at": injected_at, "resumed_after_s": await resumed if fault is not None else None}
+
+
+async def _until_generated(engine: Engine, num_tokens: int, tasks: list[asyncio.Future]) -> float | None:
+    """Seconds until the engine generated `num_tokens` in all (reported, never asserted: a
+    recovery's whole pause, re-prefill included); None when the requests ended first."""
+    t0 = time.monotonic()
+    while engine.stats().num_generated_tokens < num_tokens:
+        if all(t.done() for t in tasks):
+            return None
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
 
 
 def pid_of(group, rank: int) -> int:
@@ -189,28 +202,64 @@ def test_engine_gives_up_past_the_policy_and_refuses_new_requests(demo_model_dir
     assert not engine.healthy and not engine.stats().healthy
 
 
-def test_sigkill_expert_worker_mid_stream(cluster, demo_model_dir, reference):
+def actor_ids(group) -> list[str]:
+    return [actor_id(w) for w in group.workers]
+
+
+def test_sigkill_expert_worker_mid_stream_repairs_only_that_worker(cluster, demo_model_dir, reference):
+    """Only the dead expert worker is replaced: the others keep their actors (so their weights,
+    and the attention worker its KV cache), no sequence prefills again, the output is unchanged."""
     engine, group = build(demo_model_dir)
     try:
-        victim = pid_of(group, 2)
-        # The second run shows the group keeps serving after the recovery.
+        victim, before = pid_of(group, 2), actor_ids(group)
+        # The second run shows the group keeps serving after the repair.
         got, again = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)),
                          _run(engine, prompts()[:5]))
-        assert_recovered(got, reference, rank=2, kind="expert", cause="died")
-        stats = engine.stats()
-        assert stats.num_worker_faults == stats.num_recoveries == len(got["events"]) and stats.healthy
+        assert got["injected_at"] < NUM_REQUESTS * MAX_TOKENS  # the fault hit while requests streamed
+        assert [r["finish_reason"] for r in got["results"]] == ["length"] * NUM_REQUESTS
+        assert got["tokens"] == reference  # same greedy output as without the fault
+        (event,) = got["events"]
+        assert (event.fault.rank, event.fault.kind, event.fault.cause) == (2, "expert", "died")
+        assert (event.outcome, event.restarted_kinds, event.num_requeued) == ("recovered", ("expert",), 0)
+        after = actor_ids(group)
+        assert after[:2] == before[:2] and after[2] != before[2]
         assert pid_of(group, 2) != victim
+        stats = engine.stats()
+        assert stats.num_worker_faults == stats.num_recoveries == 1 and stats.healthy
         assert again["tokens"] == reference[:5] and not again["events"]
+        print(f"\none expert worker repaired in {event.seconds:.2f}s; every stream one token further "
+              f"{got['resumed_after_s']:.2f}s after the kill")
+    finally:
+        group.shutdown()
+
+
+def test_a_failed_repair_falls_back_to_the_group_restart(cluster, demo_model_dir, reference):
+    engine, group = build(demo_model_dir)
+
+    async def cannot_rejoin(rank):
+        raise RuntimeError("injected: the group cannot re-form")
+
+    group.rejoin = cannot_rejoin
+    try:
+        victim, before = pid_of(group, 2), actor_ids(group)
+        got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
+        assert_recovered(got, reference, rank=2, kind="expert", cause="died")
+        assert not set(actor_ids(group)) & set(before)  # every worker is new
     finally:
         group.shutdown()
 
 
 def test_sigkill_attention_worker_mid_stream(cluster, demo_model_dir, reference):
+    """An attention worker's KV cache dies with it: the whole group restarts, every sequence prefills
+    again."""
     engine, group = build(demo_model_dir)
     try:
-        victim = pid_of(group, 0)
+        victim, before = pid_of(group, 0), actor_ids(group)
         got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
         assert_recovered(got, reference, rank=0, kind="attention", cause="died")
+        assert not set(actor_ids(group)) & set(before)  # every worker is new
+        print(f"\nwhole group restarted in {got['events'][0].seconds:.2f}s; every stream one token further "
+              f"{got['resumed_after_s']:.2f}s after the kill")
     finally:
         group.shutdown()
 
