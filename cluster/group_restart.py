@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from ray.exceptions import RayError
@@ -94,17 +95,21 @@ async def _restart(group: RestartableGroup, within_deadline) -> list[dict]:
     Raises BundlesMoved when Ray moves a bundle meanwhile: the node it was on died, and a
     worker started there would wait on it forever.
     """
-    pg = group.reservation.placement_group
+    return await while_bundles_stay(group.reservation.placement_group, within_deadline, group.start_and_join)
+
+
+async def while_bundles_stay(pg: PlacementGroup, within_deadline, work: Callable[[], Awaitable]):
+    """What `work()` returns; BundlesMoved when Ray moves a bundle of `pg` meanwhile."""
     await within_deadline(awaited(pg.ready()))
     watcher = asyncio.ensure_future(until_moved(pg, layout(pg)))
-    starting = asyncio.ensure_future(group.start_and_join())
+    task = asyncio.ensure_future(work())
     try:
-        await within_deadline(asyncio.wait({watcher, starting}, return_when=asyncio.FIRST_COMPLETED))
+        await within_deadline(asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED))
     finally:
-        for task in (watcher, starting):
-            task.cancel()
-    if starting.done() and not starting.cancelled():
-        return starting.result()
+        for t in (watcher, task):
+            t.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
     raise BundlesMoved("a bundle of the model group moved to another node while its workers started")
 
 

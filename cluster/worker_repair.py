@@ -18,14 +18,13 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import ray
 from ray.exceptions import RayError
 
 from cluster.fault_diagnosis import one_line
-from cluster.group_restart import RESTART_RETRY_S, BundlesMoved, layout, until_dead, until_moved
+from cluster.group_restart import RESTART_RETRY_S, BundlesMoved, layout, until_dead, while_bundles_stay
 from cluster.ray_await import awaited
 from cluster.reservation import Reservation
 from cluster.step_loops import StepLoops
@@ -95,7 +94,8 @@ async def repair_worker(group: RepairableGroup, rank: int, timeout_s: float) -> 
     # started there dies or hangs, so that start is tried again, and only then does anyone rejoin.
     for attempt in itertools.count(1):
         try:
-            await _while_bundles_stay(group, within_deadline, lambda: group.start_worker(rank))
+            await while_bundles_stay(group.reservation.placement_group, within_deadline,
+                                    lambda: group.start_worker(rank))
             break
         except (RayError, BundlesMoved) as exc:
             log.warning("starting a new rank %d, attempt %d, failed: %s", rank, attempt, one_line(exc))
@@ -104,24 +104,9 @@ async def repair_worker(group: RepairableGroup, rank: int, timeout_s: float) -> 
                 raise RuntimeError("the model group's placement group was removed") from exc
             await within_deadline(asyncio.sleep(RESTART_RETRY_S))
     started_s = time.perf_counter() - t0
-    where = await _while_bundles_stay(group, within_deadline, lambda: group.rejoin(rank))
+    where = await while_bundles_stay(group.reservation.placement_group, within_deadline,
+                                     lambda: group.rejoin(rank))
     log.info("rank %d repaired in %.2fs (survivors idle after %.2fs, the new worker up after %.2fs); "
              "%d survivors kept their state", rank, time.perf_counter() - t0, loops_ended_s, started_s,
              len(survivors))
     return where
-
-
-async def _while_bundles_stay(group: RepairableGroup, within_deadline, work: Callable[[], Awaitable]):
-    """What `work()` returns; BundlesMoved when Ray moves a bundle of the group meanwhile."""
-    pg = group.reservation.placement_group
-    await within_deadline(awaited(pg.ready()))
-    watcher = asyncio.ensure_future(until_moved(pg, layout(pg)))
-    task = asyncio.ensure_future(work())
-    try:
-        await within_deadline(asyncio.wait({watcher, task}, return_when=asyncio.FIRST_COMPLETED))
-    finally:
-        for t in (watcher, task):
-            t.cancel()
-    if task.done() and not task.cancelled():
-        return task.result()
-    raise BundlesMoved("a bundle of the model group moved to another node during a repair")
