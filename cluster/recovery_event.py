@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from cluster.worker_fault import WorkerFault
 
 OUTCOMES = ("recovered", "failed", "refused")  # refused: the recovery policy said no
+# What a recovery replaced: one expert worker (every KV cache kept), one attention worker (only its
+# own sequences prefill again), or the whole group (every sequence prefills again).
+REPAIRS = ("expert_worker", "attention_worker", "group")
 
 
 @dataclass(frozen=True)
@@ -19,3 +22,4 @@ class RecoveryEvent:
     restarted_kinds: tuple[str, ...] = ()
     num_requeued: int = 0  # sequences that lost their KV cache and prefill again
     error: str | None = None  # why recovery failed or was refused
+    repair: str | None = None  # one of REPAIRS when recovered
