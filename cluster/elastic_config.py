@@ -66,8 +66,15 @@ class ExpertAutoscalingConfig:
             raise ValueError("expert autoscaling delays must be >= 0 and interval_s > 0")
 
     def bounds(self, initial_workers: int) -> tuple[int, int]:
-        """(min, max) expert workers, the unset ones taken from the group's starting size."""
-        lo = self.min_workers if self.min_workers is not None else initial_workers
+        """(min, max) expert workers, the unset ones taken from the group's starting size.
+
+        An unset bound never crosses the set one: max_workers=3 on a group that starts with 4
+        gives (3, 3), not the empty (4, 3).
+        """
+        if self.min_workers is not None:
+            lo = self.min_workers
+        else:
+            lo = initial_workers if self.max_workers is None else min(initial_workers, self.max_workers)
         hi = self.max_workers if self.max_workers is not None else max(initial_workers, lo)
         return lo, hi
 
