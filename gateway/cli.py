@@ -25,17 +25,35 @@ def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "dir", nargs="?", type=Path, default=None,
-        help="output directory (default: $MOE_SERVE_DEMO_DIR or ~/.cache/moe-serve/demo-model)",
+        help="output directory (default: $MOE_SERVE_DEMO_DIR or ~/.cache/moe-serve/demo-model; with "
+             "--router-skew S, a sibling named demo-model-router-skew-S)",
     )
+    parser.add_argument("--output", "-o", type=Path, default=None, metavar="DIR", help="same as DIR")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    add_router_skew_argument(parser)
     parser.set_defaults(handler=run_demo_model)
+
+
+def add_router_skew_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--router-skew", type=float, default=0.0, metavar="S",
+                        help="tilt every layer's router toward a quarter of its experts so expert load "
+                             "is visibly unbalanced: 0 = even (default), 1 = the hot quarter gets about "
+                             "60%% of the top-k picks, 2 = about 75%% (see gateway/demo_router_skew.py)")
 
 
 def run_demo_model(args: argparse.Namespace) -> int:
     from gateway.demo_checkpoint import ensure_demo_checkpoint
+    from gateway.demo_router_skew import check_router_skew
 
     try:
-        out = ensure_demo_checkpoint(args.dir, seed=args.seed)
+        if args.dir is not None and args.output is not None and args.dir != args.output:
+            raise ValueError("give the output directory once: DIR or --output DIR")
+        check_router_skew(args.router_skew)
+    except ValueError as exc:
+        print(f"moe-serve demo-model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        out = ensure_demo_checkpoint(args.dir or args.output, seed=args.seed, router_skew=args.router_skew)
     except FileExistsError as exc:
         print(f"moe-serve demo-model: {exc}", file=sys.stderr)
         return 1
@@ -53,6 +71,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", type=Path, default=None,
                         help="HF-format Mixtral checkpoint directory (default: the demo checkpoint)")
+    add_router_skew_argument(parser)  # of the demo checkpoint: only without --model
     parser.add_argument("--model-name", default=None,
                         help="the name clients send as `model` (default: the checkpoint directory's name)")
     parser.add_argument("--address", default=None,
@@ -132,12 +151,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import ServeOptions
     from gateway.cluster_fit import ClusterTooSmall
-    from gateway.demo_checkpoint import ensure_demo_checkpoint
     from gateway.serve_command import parse_expert_replicas
     from gateway.serve_command import run_serve as serve
 
     try:
-        model_dir = args.model if args.model is not None else ensure_demo_checkpoint()
+        model_dir = demo_or_model_dir(args)
         if not (model_dir / "config.json").is_file():
             raise ValueError(f"{model_dir} holds no config.json: not a HuggingFace checkpoint directory")
         options = ServeOptions(
@@ -167,6 +185,19 @@ def run_serve(args: argparse.Namespace) -> int:
     except ClusterTooSmall as exc:  # a set-up error, not a crash: no traceback
         print(f"moe-serve serve: {exc}", file=sys.stderr)
         return 2
+
+
+def demo_or_model_dir(args: argparse.Namespace) -> Path:
+    """--model, else the demo checkpoint of --router-skew (each skew has its own cache directory)."""
+    from gateway.demo_checkpoint import ensure_demo_checkpoint
+    from gateway.demo_router_skew import check_router_skew
+
+    if args.model is None:
+        return ensure_demo_checkpoint(router_skew=args.router_skew)
+    if check_router_skew(args.router_skew):
+        raise ValueError("--router-skew shapes the demo checkpoint; with --model, write one with "
+                         "`moe-serve demo-model --router-skew S DIR` and serve --model DIR")
+    return args.model
 
 
 def gpus_per_worker(args: argparse.Namespace) -> float:

@@ -14,6 +14,11 @@ with no `<unk>`, no normalizer and no added or stripped leading space. That make
 Weights use fan-in scaling (std = gain / sqrt(fan_in)) rather than a flat 0.02: with hidden 256
 that keeps every layer's output near unit scale, attention and router logits spread enough that
 routing and argmax are not near ties, and final logits with std about 3 (not uniform noise).
+
+A router skew S > 0 (gateway/demo_router_skew.py) tilts every layer's router toward a few hot
+experts, so expert-load imbalance shows. It is part of the checkpoint's identity, like the seed:
+it is in the marker file and in the default cache directory's name, so a skewed checkpoint is
+never taken for the plain one. S = 0 writes exactly the plain checkpoint's bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 from gateway.demo_corpus import demo_corpus
+from gateway.demo_router_skew import check_router_skew, skew_routers
 from workers.weights.config import ModelConfig
 from workers.weights.weight_names import checkpoint_shapes
 
@@ -53,10 +59,14 @@ def demo_config(vocab_size: int = DEMO_VOCAB_SIZE) -> ModelConfig:
     )
 
 
-def default_demo_dir() -> Path:
-    """`$MOE_SERVE_DEMO_DIR`, else `~/.cache/moe-serve/demo-model`."""
+def default_demo_dir(router_skew: float = 0.0) -> Path:
+    """`$MOE_SERVE_DEMO_DIR`, else `~/.cache/moe-serve/demo-model`; a skewed checkpoint's is a
+    sibling named after its skew (`demo-model-router-skew-2`), so each skew has its own cache."""
     env = os.environ.get("MOE_SERVE_DEMO_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "moe-serve" / "demo-model"
+    plain = Path(env).expanduser() if env else Path.home() / ".cache" / "moe-serve" / "demo-model"
+    if check_router_skew(router_skew) == 0:
+        return plain
+    return plain.with_name(f"{plain.name}-router-skew-{router_skew:g}")
 
 
 def train_demo_tokenizer(vocab_size: int = DEMO_VOCAB_SIZE) -> tokenizers.Tokenizer:
@@ -101,32 +111,46 @@ def demo_weights(cfg: ModelConfig, seed: int = 0, progress: bool = False) -> dic
     return tensors
 
 
-def write_demo_checkpoint(out_dir: str | Path, *, seed: int = 0, progress: bool = True) -> Path:
+def write_demo_checkpoint(out_dir: str | Path, *, seed: int = 0, router_skew: float = 0.0,
+                          progress: bool = True) -> Path:
     """Write the demo checkpoint into `out_dir` (created if needed) and return its path."""
+    check_router_skew(router_skew)
     out = Path(out_dir)
     tok = write_demo_tokenizer(out)
     cfg = demo_config(vocab_size=tok.get_vocab_size(with_added_tokens=True))
     _write_json(out / "config.json", cfg.to_hf_dict())
     generation = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
     _write_json(out / "generation_config.json", generation)
-    save_file(demo_weights(cfg, seed, progress), str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = skew_routers(demo_weights(cfg, seed, progress), cfg, router_skew, seed)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     # Written last: its presence says the rest is complete (see `ensure_demo_checkpoint`).
-    _write_json(out / MARKER_FILE, {"format_version": DEMO_FORMAT_VERSION, "seed": seed})
+    _write_json(out / MARKER_FILE, demo_marker(seed, router_skew))
     return out
 
 
-def ensure_demo_checkpoint(
-    out_dir: str | Path | None = None, *, seed: int = 0, progress: bool = True,
-) -> Path:
-    """The demo checkpoint at `out_dir` (default `default_demo_dir()`), written only if missing.
+def demo_marker(seed: int, router_skew: float) -> dict[str, Any]:
+    """What the marker file holds: the checkpoint's identity. No skew key for S = 0, so the
+    plain checkpoint's marker (and bytes) are what they were before skew existed."""
+    marker: dict[str, Any] = {"format_version": DEMO_FORMAT_VERSION, "seed": seed}
+    if check_router_skew(router_skew):
+        marker["router_skew"] = float(router_skew)
+    return marker
 
-    A directory that is incomplete, stale (older format) or of another seed is replaced; one
+
+def ensure_demo_checkpoint(
+    out_dir: str | Path | None = None, *, seed: int = 0, router_skew: float = 0.0, progress: bool = True,
+) -> Path:
+    """The demo checkpoint at `out_dir` (default `default_demo_dir(router_skew)`), written only if
+    missing.
+
+    A directory that is incomplete, stale (older format) or of another seed or skew is replaced; one
     holding anything else raises `FileExistsError` rather than being deleted. The new
     one is written to a temporary sibling and renamed into place, so a crash never leaves a half
     checkpoint and concurrent callers (several actors on one host) each see a whole one.
     """
-    out = Path(out_dir).expanduser() if out_dir is not None else default_demo_dir()
-    if is_demo_checkpoint(out, seed=seed):
+    identity = {"seed": seed, "router_skew": router_skew}
+    out = Path(out_dir).expanduser() if out_dir is not None else default_demo_dir(router_skew)
+    if is_demo_checkpoint(out, **identity):
         return out
     if out.exists() and not _holds_only_demo_files(out):
         raise FileExistsError(f"{out} exists and is not a demo checkpoint; not replacing it")
@@ -134,22 +158,22 @@ def ensure_demo_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
     try:
-        write_demo_checkpoint(tmp, seed=seed, progress=progress)
-        if out.exists() and not is_demo_checkpoint(out, seed=seed):
+        write_demo_checkpoint(tmp, **identity, progress=progress)
+        if out.exists() and not is_demo_checkpoint(out, **identity):
             stale = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, stale / out.name)
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, out)
         except OSError:
-            if not is_demo_checkpoint(out, seed=seed):  # not a concurrent writer that won the race
+            if not is_demo_checkpoint(out, **identity):  # not a concurrent writer that won the race
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def is_demo_checkpoint(path: str | Path, *, seed: int = 0) -> bool:
+def is_demo_checkpoint(path: str | Path, *, seed: int = 0, router_skew: float = 0.0) -> bool:
     path = Path(path)
     if not all((path / name).is_file() for name in CHECKPOINT_FILES):
         return False
@@ -157,7 +181,7 @@ def is_demo_checkpoint(path: str | Path, *, seed: int = 0) -> bool:
         marker = json.loads((path / MARKER_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return marker == {"format_version": DEMO_FORMAT_VERSION, "seed": seed}
+    return marker == demo_marker(seed, router_skew)
 
 
 def _holds_only_demo_files(path: Path) -> bool:
