@@ -9,7 +9,9 @@ its whole model group through its placement group: bundle 0 for the replica itse
 bundle per worker (`cluster.topology.worker_bundles`). With no expert workers the whole model
 runs inside the engine replica (the single-process engine). With `autoscaling` set, Serve adds and
 removes engine replicas, so whole model groups (gateway/autoscaling.py); a replica it removes is
-drained first (`graceful_shutdown_*`).
+drained first (`graceful_shutdown_*`). `elastic` changes each model group's expert plane from
+inside (rebalancing, expert-worker autoscaling: cluster/elastic_config.py); a group reserves only
+its starting workers, so workers added later need room in the cluster.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from ray import serve
 
+from cluster.elastic_config import ElasticConfig
 from cluster.engine_config import EngineConfig
 from cluster.expert_parallel_config import ExpertParallelConfig
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S, FaultConfig
@@ -28,6 +31,7 @@ from cluster.topology import TopologyConfig, worker_bundles
 from cluster.worker_config import WorkerConfig
 from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS
 from gateway.autoscaling import AutoscalingOptions
+from gateway.elastic_options import check_expert_plane
 from gateway.engine_deployment import (
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEFAULT_MAX_BATCH_SIZE,
@@ -70,6 +74,7 @@ class ServeOptions:
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S
     num_engine_replicas: int = 1  # model groups (fixed; see `autoscaling`)
     autoscaling: AutoscalingOptions | None = None  # set: Serve scales the model groups
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)  # each group's expert plane; off
     # Scale-down (and redeploy) drains a replica: Serve stops routing to it and checks every
     # wait_loop_s whether its streams are done, killing it after timeout_s at the latest.
     graceful_shutdown_timeout_s: float = 60.0
@@ -113,6 +118,7 @@ class ServeOptions:
                              "actors that reserve none): add --gpus or --gpus-per-worker")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size")
+        check_expert_plane(self.elastic, self.num_expert_workers)
         self.engine_options()  # the engine, topology and batching fields validate themselves
         self.ingress_options()
 
@@ -146,7 +152,7 @@ class ServeOptions:
             worker=WorkerConfig(device=self.device, dtype=self.dtype), faults=faults,
             max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, max_queued_requests=self.max_queued_requests,
-            gpu_fraction=self.num_gpus_per_worker or 1.0,
+            gpu_fraction=self.num_gpus_per_worker or 1.0, elastic=self.elastic,
         )
 
     def ingress_options(self) -> IngressOptions:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gateway.admission import DEFAULT_MAX_QUEUED_REQUESTS  # standard library only: --help stays instant
+from gateway.elastic_flags import add_elastic_arguments, elastic_from_args  # and dataclasses
 
 
 def add_demo_model_command(subparsers: argparse._SubParsersAction) -> None:
@@ -114,6 +115,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--engine-replicas", type=int, default=None,
                         help="model groups, fixed (default 1); see --max-replicas to autoscale instead")
     add_autoscaling_arguments(parser)
+    add_elastic_arguments(parser)
     parser.add_argument("--step-timeout-s", type=float, default=None,
                         help="a model step taking longer counts as a stalled worker and triggers recovery "
                              "(default 60)")
@@ -166,7 +168,7 @@ def run_serve(args: argparse.Namespace) -> int:
             num_gpus_per_worker=gpus_per_worker(args), gpu_memory_utilization=args.gpu_memory_utilization,
             num_kv_blocks=args.num_kv_blocks, enforce_eager=args.enforce_eager,
             num_cpus_per_worker=args.cpus_per_worker, num_engine_replicas=args.engine_replicas or 1,
-            autoscaling=autoscaling_from_args(args),
+            autoscaling=autoscaling_from_args(args), elastic=elastic_from_args(args),
             graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
             max_queued_requests=args.max_queued_requests, request_timeout_s=args.request_timeout,
             api_key=args.api_key or os.environ.get("MOE_SERVE_API_KEY") or None,

@@ -59,6 +59,26 @@ def layout_line(options: ServeOptions) -> str:
     return f"  layout      {workers}{groups}, device {options.device}{gpus}, dtype {options.dtype}"
 
 
+def expert_plane_lines(options: ServeOptions) -> list[str]:
+    """Rebalancing and expert-worker autoscaling, when either is on: e.g. "rebalance on (threshold
+    1.3), expert workers 2..4 (autoscaling)". Workers above the starting count are not reserved."""
+    rebalance, scaling = options.elastic.rebalance, options.elastic.autoscaling
+    if not (rebalance.enabled or scaling.enabled):
+        return []
+    moves = "rebalance off"
+    if rebalance.enabled:
+        copies = rebalance.extra_copies_per_layer
+        extra = f", {copies} extra expert cop{'y' if copies == 1 else 'ies'} per layer" if copies else ""
+        moves = f"rebalance on (threshold {rebalance.threshold:g}{extra})"
+    start = options.num_expert_workers
+    if scaling.enabled:
+        lo, hi = scaling.bounds(start)
+        workers = f"expert workers {lo}..{hi} (autoscaling from {start})"
+    else:
+        workers = f"{start} expert workers (fixed)"
+    return [f"  expert plane {moves}, {workers}"]
+
+
 def metrics_lines(endpoints: Sequence[MetricsEndpoint], *, joined: bool,
                   metrics_port: int | None) -> list[str]:
     """Where Prometheus text is: this cluster's one node, or every node of a joined cluster."""
@@ -107,6 +127,7 @@ def banner(options: ServeOptions, *, grpc: bool, key_from_env: bool,
     lines = [
         f"moe-serve: serving {options.served_model_name!r} from {options.model_dir}",
         layout_line(options),
+        *expert_plane_lines(options),
         *memory_line(options, memory),
         f"  OpenAI API  {base}/v1   (completions, chat/completions, models){listen_note(options.host)}",
         f"  health      {base}/health   ready {base}/ready",

@@ -8,7 +8,13 @@ controller runs the build). The keys are `ServeOptions` fields, so a config file
     model_dir        absent or null: the built-in demo checkpoint (written once on that node)
     expert_replicas  "L:E=N,..." as on the command line, or a mapping {"L:E": N}
     autoscaling      a mapping of `gateway.autoscaling.AutoscalingOptions` fields
+    rebalance        live rebalancing of each model group's experts, on: a mapping of
+                     `cluster.elastic_config.RebalanceConfig` fields ({} for the defaults)
+    expert_autoscaling  scaling of each model group's expert workers, on: a mapping of
+                     `ExpertAutoscalingConfig` fields (min_workers, max_workers, upscale_busy, ...)
     api_key          absent: $MOE_SERVE_API_KEY (a Kubernetes Secret), so no key is in the file
+
+`rebalance` and `expert_autoscaling` together make the `elastic` field, which is not a key itself.
 
 `host`, `port` and `grpc_port` are refused: under a config file Serve's proxies listen where its
 top-level `http_options` and `grpc_options` say, and two places to set one port is one too many.
@@ -23,14 +29,18 @@ from typing import Any
 
 from ray import serve
 
+from cluster.elastic_config import ElasticConfig
 from gateway.app import ServeOptions, build_app
 from gateway.autoscaling import AutoscalingOptions
 from gateway.demo_checkpoint import ensure_demo_checkpoint
+from gateway.elastic_options import expert_autoscaling_config, rebalance_config
 from gateway.serve_command import parse_expert_replicas
 
 API_KEY_ENV = "MOE_SERVE_API_KEY"
 PROXY_FIELDS = frozenset({"host", "port", "grpc_port"})  # Serve's http_options / grpc_options own these
-OPTION_FIELDS = frozenset(f.name for f in dataclasses.fields(ServeOptions)) - PROXY_FIELDS
+ELASTIC_KEYS = frozenset({"rebalance", "expert_autoscaling"})  # → ServeOptions.elastic
+OPTION_FIELDS = (frozenset(f.name for f in dataclasses.fields(ServeOptions)) - PROXY_FIELDS - {"elastic"}
+                 | ELASTIC_KEYS)
 
 
 def app_builder(args: dict) -> serve.Application:
@@ -55,7 +65,18 @@ def serve_options_from_args(args: Mapping[str, Any]) -> ServeOptions:
             raise ValueError(f"args.autoscaling: {exc}") from None
     if args.get("api_key") is None:
         args["api_key"] = os.environ.get(API_KEY_ENV) or None
+    args["elastic"] = elastic_from_config(args.pop("rebalance", None), args.pop("expert_autoscaling", None))
     return ServeOptions(**args)
+
+
+def elastic_from_config(rebalance: Mapping[str, Any] | None,
+                        expert_autoscaling: Mapping[str, Any] | None) -> ElasticConfig:
+    """`rebalance:` and `expert_autoscaling:` → ElasticConfig; each present one is on (null: off)."""
+    return ElasticConfig(
+        **({} if rebalance is None else {"rebalance": rebalance_config(rebalance, "args.rebalance")}),
+        **({} if expert_autoscaling is None else
+           {"autoscaling": expert_autoscaling_config(expert_autoscaling, "args.expert_autoscaling")}),
+    )
 
 
 def expert_replicas_from_arg(value: str | Mapping[str, int] | None) -> dict[tuple[int, int], int]:

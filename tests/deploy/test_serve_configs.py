@@ -67,6 +67,10 @@ def test_builder_accepts_the_configs_args(path, demo_tokenizer_dir):
     auto = engine._deployment_config.autoscaling_config
     for key, value in args["autoscaling"].items():
         assert getattr(auto, key) == value
+    elastic = engine.init_args[0].elastic  # the EngineOptions each replica builds from
+    assert elastic.rebalance.enabled == ("rebalance" in args)
+    assert elastic.autoscaling.enabled == ("expert_autoscaling" in args)
+    # Only the starting workers are reserved, whatever expert autoscaling may add later.
     bundles = engine._replica_config.placement_group_bundles
     assert len(bundles) == 1 + args["num_attention_workers"] + args["num_expert_workers"]
     # The engine replica's own bundle (first) reserves no GPU when the model has expert workers.
