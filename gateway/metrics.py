@@ -1,8 +1,9 @@
 """Recording moe-serve's metrics through Ray's metrics pipeline (one scrape target per node).
 
 `ServingMetrics` is created inside the engine deployment's replica (Ray metrics objects
-must be made in the process that records them) and fed from three places: each finished
-request's timings, the engine's stats after each step, and the workers' drained stats.
+must be made in the process that records them) and fed from: each finished request's timings,
+the engine's stats after each step, the workers' drained stats, the engine's recovery events,
+and the expert plane's placement and events (cluster/plane_event.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
 from cluster.engine_stats import EngineStats
+from cluster.plane_event import PlaneEvent
 from cluster.recovery_event import RecoveryEvent
 from gateway.metric_catalog import CATALOG, MetricSpec
 from workers.group.worker_stats import WorkerStats
@@ -70,6 +72,7 @@ class ServingMetrics:
         self._last_preemptions = stats.num_preemptions
 
     def observe_workers(self, stats: Iterable[WorkerStats], num_experts: int) -> None:
+        stats = list(stats)
         per_layer: dict[int, list[int]] = defaultdict(lambda: [0] * num_experts)
         for ws in stats:
             d, rank = ws.dispatch, self._tags(rank=ws.rank)
@@ -85,6 +88,12 @@ class ServingMetrics:
             for expert, n in enumerate(counts):
                 self._inc("moe_serve_expert_tokens", n, self._tags(layer=layer, expert=expert))
             self.m["moe_serve_expert_load_imbalance"].set(load_imbalance(counts), self._tags(layer=layer))
+        per_worker = tokens_per_expert_worker(stats)
+        for rank, n in per_worker.items():
+            self._inc("moe_serve_expert_worker_tokens", n, self._tags(rank=rank))
+        if per_worker:  # no expert worker reported (none drained this time): keep the last value
+            self.m["moe_serve_expert_worker_load_imbalance"].set(load_imbalance(list(per_worker.values())),
+                                                                 self._tags())
 
     def observe_restart(self, kind: str) -> None:
         self._inc("moe_serve_worker_restarts", 1, self._tags(kind=kind))
@@ -98,11 +107,37 @@ class ServingMetrics:
         self.m["moe_serve_recovery_seconds"].observe(event.seconds, self._tags())
         for kind in event.restarted_kinds:
             self.observe_restart(kind)
+        if event.outcome == "recovered" and event.repair is not None:
+            self._inc("moe_serve_repairs", 1, self._tags(repair=event.repair))
+
+    def observe_placement(self, version: int, num_expert_workers: int) -> None:
+        """The expert placement in force: at start and after every change of the expert plane."""
+        self.m["moe_serve_expert_placement_version"].set(version, self._tags())
+        self.m["moe_serve_num_expert_workers"].set(num_expert_workers, self._tags())
+
+    def observe_plane_event(self, event: PlaneEvent) -> None:
+        """One rebalance, scale event or repair of the expert plane, whatever its outcome."""
+        by_kind = self._tags(kind=event.kind)
+        self._inc("moe_serve_expert_plane_events", 1, self._tags(kind=event.kind, outcome=event.outcome))
+        self.m["moe_serve_expert_plane_event_seconds"].observe(event.seconds, by_kind)
+        # Observed for a rebalance too (0 s): its pause histogram is the evidence that no step waited.
+        self.m["moe_serve_expert_plane_pause_seconds"].observe(event.pause_seconds, by_kind)
+        self.observe_placement(event.placement_version, event.num_expert_workers)
 
 
 def load_imbalance(counts: Sequence[int]) -> float:
-    """max / mean of a layer's tokens per expert; 1.0 for an idle layer."""
+    """max / mean of tokens per expert of a layer, or per expert worker; 1.0 when idle."""
     total = sum(counts)
     if not total:
         return 1.0
     return max(counts) / (total / len(counts))
+
+
+def tokens_per_expert_worker(stats: Iterable[WorkerStats]) -> dict[int, int]:
+    """Rank → rows an expert worker received, over all its (layer, expert) copies; attention workers
+    are left out, an idle expert worker is in with 0 (it counts in the imbalance's mean)."""
+    out: dict[int, int] = {}
+    for ws in stats:
+        if ws.kind == "expert":
+            out[ws.rank] = out.get(ws.rank, 0) + sum(ws.dispatch.tokens_per_expert.values())
+    return out

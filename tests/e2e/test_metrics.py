@@ -38,9 +38,9 @@ def metrics_server(demo_model_dir):
     ray.shutdown()
 
 
-# Families that only appear once their event happened (no preemption or worker fault here).
-EVENT_COUNTERS = {"moe_serve_worker_restarts", "moe_serve_preemptions", "moe_serve_worker_faults",
-                  "moe_serve_recoveries", "moe_serve_recovery_seconds"}
+# Families that only appear once their event happened (no preemption, worker fault or change of the
+# expert plane here).
+EVENT_COUNTERS = {spec.name for spec in CATALOG if spec.on_event}
 
 
 def scrape(url: str) -> dict[str, list]:
