@@ -231,9 +231,11 @@ class Engine:
         if self._by_request_id.get(req.request_id) == req.seq.seq_id:
             del self._by_request_id[req.request_id]
 
-    def _requeue_running(self) -> int:
-        """After a worker fault: every running sequence back to waiting (its KV cache is gone)."""
-        return sum(len(s.requeue_running()) for s in self.schedulers)
+    def _requeue_running(self, ranks: tuple[int, ...] | None = None) -> int:
+        """After a worker fault: the running sequences of these attention ranks (None: all) back to
+        waiting (their KV caches are gone)."""
+        schedulers = self.schedulers if ranks is None else [self.schedulers[r] for r in ranks]
+        return sum(len(s.requeue_running()) for s in schedulers)
 
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+from cluster.recovery_event import Repair
 from cluster.worker_fault import WorkerFault
 from workers.model.batch_spec import ScheduledBatch
 from workers.model.runner import ModelRunner
@@ -22,8 +23,8 @@ class Executor(Protocol):
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]: ...
 
-    async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
-        """Replace failed workers within timeout_s; returns the kind of each worker restarted."""
+    async def recover(self, fault: WorkerFault, timeout_s: float) -> Repair:
+        """Replace failed workers within timeout_s; says what was replaced and which KV caches were lost."""
         ...
 
 
@@ -37,5 +38,5 @@ class LocalExecutor:
         (batch,) = batches
         return (await asyncio.to_thread(self.runner.execute, batch),)
 
-    async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
+    async def recover(self, fault: WorkerFault, timeout_s: float) -> Repair:
         raise RuntimeError("the single-process executor has no workers to recover")

@@ -62,6 +62,17 @@ class Placement:
                 out[w] += load.get((layer, e), 0.0) / len(ws)
         return tuple(out)
 
+    @classmethod
+    def from_expert_map(cls, expert_map: ExpertMap, first_expert_rank: int) -> Placement:
+        """The placement behind a group's expert map (expert worker w is rank first_expert_rank + w)."""
+        num_workers = expert_map.world_size - first_expert_rank
+        layers = tuple(
+            tuple(tuple(rank - first_expert_rank for rank, _ in expert_map.replicas(layer, e))
+                  for e in range(expert_map.num_experts))
+            for layer in range(expert_map.num_layers))
+        return cls(num_experts=expert_map.num_experts, num_expert_workers=num_workers,
+                   workers_by_layer=layers)
+
     def to_expert_map(self, first_expert_rank: int) -> ExpertMap:
         """Ranks [0, first_expert_rank) are attention ranks; expert worker w is rank first_expert_rank + w."""
         if first_expert_rank < 0:

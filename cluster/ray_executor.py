@@ -16,15 +16,21 @@ Faults (DESIGN.md §5). A step is also the watchdog: a worker that died (its Ray
 step loop's, fails with RayActorError; on the channel its socket closes first), a step that
 raised (a Ray task error, or the failure its loop reports back), or a step that did not finish
 within `step_timeout_s` (a peer stopped mid-collective) becomes a `WorkerFailed` naming the
-worker (cluster/fault_diagnosis.py). `recover` then replaces a dead expert worker alone
-(cluster/worker_repair.py: the others keep their weights and KV caches), or, for any other
-fault or when that repair fails, the whole group in its bundles (cluster/group_restart.py);
-either way the group's step loops start again.
+worker (cluster/fault_diagnosis.py). `recover` then repairs the one worker that failed
+(cluster/worker_repair.py: the survivors keep their weights and KV caches), or, when that
+cannot be done, restarts the whole group in its bundles (cluster/group_restart.py); either way
+the group's step loops start again.
+
+The expert plane changes shape while serving (cluster/group_reshape.py): a new placement
+switches at a step boundary (`placement_version` travels with every step), and a resize
+re-forms the process group between two steps. The step lock keeps steps, recoveries and
+re-forms apart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -37,13 +43,18 @@ from cluster.actor_state import actor_id
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S
 from cluster.fault_diagnosis import Roster, diagnose, one_line
 from cluster.group_restart import restart_group
+from cluster.placement import Placement
+from cluster.plane_actions import grow_back
+from cluster.plane_event import PlaneEvent
 from cluster.ray_await import awaited
+from cluster.recovery_event import Repair
 from cluster.reservation import Reservation, reserve
+from cluster.slot import Slot, reserve_slot
 from cluster.step_broadcast import StepChannelClosed
 from cluster.step_loops import StepLoops, open_step_loops, open_step_loops_async
-from cluster.topology import TopologyConfig, worker_bundles
+from cluster.topology import TopologyConfig, worker_bundle, worker_bundles
 from cluster.worker_fault import WorkerFailed, WorkerFault
-from cluster.worker_repair import repair_worker, repairable
+from cluster.worker_repair import repair_one
 from workers.comm.collective_backend import RankDevice, choose_backend, describe_choice
 from workers.device.memory import MemoryReport
 from workers.group.attention_worker import AttentionWorker
@@ -80,6 +91,21 @@ class RayExecutor:
         self.loops: StepLoops | None = None  # the workers' step loops ("channel" only)
         self.reservation = reservation or reserve(topology)
         self.num_attention_workers = spec.num_attention_workers
+        self.slots = [Slot(self.reservation.placement_group, self.reservation.bundle_index(rank))
+                      for rank in range(spec.world_size)]  # by rank
+        self.free_slots: list[Slot] = []  # bundles of the reservation a scale-down emptied
+        self.placement = Placement.from_expert_map(spec.expert_map, spec.num_attention_workers)
+        self.placement_version = spec.placement_version
+        # The expert-worker count the group keeps: a repair that drops a dead worker grows back
+        # to it (cluster/expert_plane.py); the expert autoscaler moves it.
+        self.target_expert_workers = topology.num_expert_workers
+        self.plane_listeners: list = []  # called with every PlaneEvent (metrics, tests)
+        self.reshaping = False  # an expert-plane change is under way (cluster/plane_actions.py)
+        self.recent_load: dict | None = None  # tokens per (layer, expert) lately, set by the expert plane
+        self.background: set[asyncio.Task] = set()  # e.g. growing back after a repair
+        self.closed = False
+        self.repair_alone = True  # False: every fault restarts the whole group (benchmarks compare both)
+        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._start_all()
         devices = ray.get([w.rank_device.remote() for w in self.workers], timeout=ready_timeout_s)
         self.backend = self._choose_backend(devices)
@@ -116,10 +142,14 @@ class RayExecutor:
         self.experts = self.workers[self.spec.num_attention_workers:]
 
     def _start(self, rank: int, bundle: dict[str, float]):
+        return self.start_in(self.slots[rank], rank, self.spec, bundle)
+
+    def start_in(self, slot: Slot, rank: int, spec: GroupSpec, bundle: dict[str, float] | None = None):
+        """A worker for `rank` of `spec`'s group, in `slot`'s bundle (it loads its weights as it starts)."""
         cls = AttentionWorker if rank < self.spec.num_attention_workers else ExpertWorker
+        bundle = bundle or worker_bundle(self.topology, self.kind_of(rank))
         strategy = PlacementGroupSchedulingStrategy(
-            placement_group=self.reservation.placement_group,
-            placement_group_bundle_index=self.reservation.bundle_index(rank),
+            placement_group=slot.placement_group, placement_group_bundle_index=slot.bundle_index,
         )
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
         actor = ray.remote(cls).options(
@@ -129,15 +159,58 @@ class RayExecutor:
             scheduling_strategy=strategy, max_concurrency=3,
             name=None,
         )
-        return actor.remote(self.spec, rank)
+        return actor.remote(spec, rank)
+
+    @property
+    def num_expert_workers(self) -> int:
+        return len(self.workers) - self.num_attention_workers
+
+    def step_lock(self) -> asyncio.Lock:
+        """Held by a step, a recovery, or the pause of a re-form: one at a time (one per event loop)."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock[0] is not loop:
+            self._lock = (loop, asyncio.Lock())
+        return self._lock[1]
+
+    def set_placement(self, placement: Placement, version: int, spec: GroupSpec) -> None:
+        """From the next step on, the group runs on `placement` (every worker prepared it)."""
+        self.placement, self.placement_version = placement, version
+        self.spec = dataclasses.replace(spec, expert_map=placement.to_expert_map(self.num_attention_workers),
+                                        placement_version=version)
+        self.topology = dataclasses.replace(self.topology, num_expert_workers=placement.num_expert_workers)
+
+    def set_members(self, workers: list, slots: list[Slot]) -> None:
+        self.workers, self.slots = list(workers), list(slots)
+        self.attention = self.workers[: self.num_attention_workers]
+        self.experts = self.workers[self.num_attention_workers:]
+
+    async def acquire_slot(self) -> Slot:
+        """A bundle for one more expert worker: an emptied one of the reservation, else a new one."""
+        if self.free_slots:
+            return self.free_slots.pop()
+        return await reserve_slot(worker_bundle(self.topology, "expert"), self.ready_timeout_s)
+
+    def release_slot(self, slot: Slot) -> None:
+        if slot.owned:
+            slot.release()
+        else:
+            self.free_slots.append(slot)
+
+    def emit(self, event: PlaneEvent) -> None:
+        for listener in self.plane_listeners:
+            try:
+                listener(event)
+            except Exception:  # metrics must never take the group down
+                log.exception("expert-plane listener failed")
 
     def kind_of(self, rank: int) -> str:
         return self.topology.rank_kind(rank)
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
-        if self.control == "channel":
-            return await self.execute_over_channel(batches)
-        return await self.execute_over_ray(batches)
+        async with self.step_lock():
+            if self.control == "channel":
+                return await self.execute_over_channel(batches)
+            return await self.execute_over_ray(batches)
 
     async def execute_over_channel(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         """One step through the workers' step loops: no Ray call."""
@@ -145,15 +218,17 @@ class RayExecutor:
         if loops is None:
             raise RuntimeError(f"this group runs no step loops (control {self.control!r})")
         # Expert workers follow the mode every attention worker's batch carries (cluster/dispatch_mode.py).
-        seq = loops.broadcast.publish(StepMessage(batches[0].low_latency_tokens, batches))
+        message = StepMessage(batches[0].low_latency_tokens, batches, self.placement_version)
+        seq = loops.broadcast.publish(message)
         calls = [asyncio.ensure_future(loops.broadcast.result(rank, seq))
                  for rank in range(self.spec.world_size)]
         return await self._finish_step(calls, loops.ended())
 
     async def execute_over_ray(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         """One step as one Ray actor call per worker: the reference control path."""
-        refs = [w.execute.remote(b) for w, b in zip(self.attention, batches, strict=True)]
-        refs += [w.execute.remote(batches[0].low_latency_tokens) for w in self.experts]
+        version = self.placement_version
+        refs = [w.execute.remote(b, version) for w, b in zip(self.attention, batches, strict=True)]
+        refs += [w.execute.remote(batches[0].low_latency_tokens, version) for w in self.experts]
         return await self._finish_step([asyncio.ensure_future(awaited(ref)) for ref in refs], ())
 
     async def _finish_step(self, calls: list[asyncio.Future], ended: Sequence[asyncio.Future]
@@ -184,34 +259,34 @@ class RayExecutor:
         return Roster(kinds=tuple(self.kind_of(rank) for rank in range(self.spec.world_size)),
                       actor_ids=tuple(actor_id(w) for w in self.workers), node_ids=dict(self._nodes))
 
-    async def recover(self, fault: WorkerFault, timeout_s: float) -> tuple[str, ...]:
-        """Replace the failed worker, or every worker, and re-form the process group; returns the
-        kinds restarted: ("expert",) when only a dead expert worker was replaced (every KV cache
-        kept, cluster/worker_repair.py), else one kind per rank (the whole group restarted).
+    async def recover(self, fault: WorkerFault, timeout_s: float) -> Repair:
+        """Repair the failed worker alone (cluster/worker_repair.py), or restart every worker, and
+        re-form the process group; says what was replaced and which KV caches were lost.
 
         The one-worker repair gets `timeout_s`; when it fails, the group restart gets `timeout_s`
         again. Raises TimeoutError when the group is not back within it.
         """
-        if repairable(fault, has_step_loops=self.loops is not None):
-            t0 = time.perf_counter()
-            try:
-                where = await repair_worker(self, fault.rank, timeout_s)
-            except Exception as exc:  # anything: the group restart below starts from scratch
-                log.warning("repairing %s worker rank %d alone failed after %.2fs (%s); restarting the "
-                            "whole group", fault.kind, fault.rank, time.perf_counter() - t0, one_line(exc))
-            else:
-                self._nodes = {info["rank"]: info.get("node_id") for info in where}
-                return (self.kind_of(fault.rank),)
+        async with self.step_lock():
+            repair = await repair_one(self, fault, timeout_s) if self.repair_alone else None
+            if repair is not None:
+                return repair
+            await self.restart_all(timeout_s)
+            if self.num_expert_workers < self.target_expert_workers:
+                grow_back(self)  # a repair that failed half-way had dropped a worker already
+            return Repair("group", tuple(self.kind_of(rank) for rank in range(self.spec.world_size)),
+                          tuple(range(self.num_attention_workers)))
+
+    async def restart_all(self, timeout_s: float) -> None:
+        """Every worker new, in its bundle, on the current placement (the step lock held)."""
         where = await restart_group(self, timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in where}
-        return tuple(self.kind_of(rank) for rank in range(self.spec.world_size))
 
     async def start_and_join(self) -> list[dict]:
         """Start every worker into its bundle, rendezvous, join, start the step loops; their
         `where()` answers."""
         self._close_loops()
         self._start_all()
-        return await self._form_group()
+        return await self.form_group()
 
     def take_loops(self) -> StepLoops | None:
         """The step loops, which the caller now owns (a repair closes them once the dead worker is killed)."""
@@ -221,8 +296,7 @@ class RayExecutor:
     async def start_worker(self, rank: int) -> None:
         """A new worker for `rank` in its bundle (the old one is dead); returns once it answers."""
         self.workers[rank] = self._start(rank, worker_bundles(self.topology)[rank])
-        self.attention = self.workers[: self.spec.num_attention_workers]
-        self.experts = self.workers[self.spec.num_attention_workers:]
+        self.set_members(self.workers, self.slots)
         await awaited(self.workers[rank].where.remote())
 
     def kill_worker(self, rank: int) -> None:
@@ -233,19 +307,22 @@ class RayExecutor:
         and KV caches); all rendezvous, join, start their step loops; their `where()` answers."""
         t0 = time.perf_counter()
         await asyncio.gather(*[awaited(w.leave.remote()) for r, w in enumerate(self.workers) if r != rank])
-        where = await self._form_group()
+        where = await self.form_group()
         log.info("model group re-formed around a new rank %d in %.2fs", rank, time.perf_counter() - t0)
         return where
 
-    async def _form_group(self) -> list[dict]:
-        """Every worker (started, in no process group) rendezvous, joins, starts its step loop."""
+    async def form_group(self, placement_version: int | None = None) -> list[dict]:
+        """Every worker (started, in no process group) rendezvous, joins (on `placement_version`,
+        which the survivors of a resize prepared), starts its step loop."""
         workers = self.workers
         devices = await asyncio.gather(*[awaited(w.rank_device.remote()) for w in workers])
         self.backend = self._choose_backend(list(devices))
         addr, port = await awaited(workers[0].rendezvous_address.remote())
         self.rendezvous = (addr, port)
-        await asyncio.gather(*[awaited(w.join.remote(addr, port, self.backend)) for w in workers])
+        await asyncio.gather(*[awaited(w.join.remote(addr, port, self.backend, placement_version))
+                               for w in workers])
         where = await asyncio.gather(*[awaited(w.where.remote()) for w in workers])
+        self._nodes = {info["rank"]: info.get("node_id") for info in where}
         if self.control == "channel":
             nodes = {info["rank"]: info.get("node_id") for info in where}
             self.loops = await open_step_loops_async(workers, [nodes[r] for r in range(len(workers))],
@@ -276,9 +353,15 @@ class RayExecutor:
         return ray.get([w.dispatch_stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
+        self.closed = True
+        for task in list(self.background):
+            if not task.get_loop().is_closed():
+                task.cancel()
         self._close_loops()
         for w in self.workers:
             ray.kill(w)
+        for slot in self.slots + self.free_slots:
+            slot.release()  # the slots scale-ups reserved; the reservation's own go with it
         self.reservation.release()
 
 

@@ -1,15 +1,15 @@
 """What the engine does about a worker fault (DESIGN.md §5): replace the workers, or give up.
 
 When a step fails with `WorkerFailed`, the engine drops the step and hands the fault here.
-The executor replaces what failed and says which kinds of worker it restarted. A dead expert
-worker is repaired alone (cluster/worker_repair.py): every KV cache is kept, nothing is
-requeued, and the engine's next step re-runs the one that failed (the scheduler only advances
-a sequence when a step's results come back). When an attention worker was restarted (the
-whole group was), every running sequence goes back to the waiting queue and the next steps
-prefill it again from prompt + generated ids, so a greedy continuation is the one it would
-have been. Streams pause meanwhile. When the recovery policy refuses, or the
-recovery itself fails, every request ends with an explicit error and the engine turns
-unhealthy for good: new requests get the same error at once.
+The executor repairs what failed and says what it replaced (a `Repair`). A dead or stalled
+worker is repaired alone (cluster/worker_repair.py): for an expert worker every KV cache is
+kept, nothing is requeued, and the engine's next step re-runs the one that failed (the
+scheduler only advances a sequence when a step's results come back). A new attention worker
+has lost its KV cache: its running sequences, and only those, go back to the waiting queue and
+prefill again from prompt + generated ids, so a greedy continuation is the one it would have
+been; a whole-group restart does that for every attention worker. Streams pause meanwhile.
+When the recovery policy refuses, or the recovery itself fails, every request ends with an
+explicit error and the engine turns unhealthy for good: new requests get the same error at once.
 
 The engine reaches its requests through two callables (`requeue_running`, `fail_all`) and
 its executor through the `Executor` protocol; this module holds the decision, the counters
@@ -44,12 +44,14 @@ class Recovery:
         """False once a worker fault could not be recovered."""
         return self.unhealthy_reason is None
 
-    async def recover(self, fault: WorkerFault, executor: Executor, *, requeue_running: Callable[[], int],
+    async def recover(self, fault: WorkerFault, executor: Executor, *,
+                      requeue_running: Callable[[tuple[int, ...] | None], int],
                       fail_all: Callable[[str], None]) -> None:
         """Have the executor replace its failed worker(s) and requeue what lost its KV cache, or give up.
 
-        `requeue_running()` sends every running sequence back to waiting and says how many;
-        `fail_all(message)` ends every request in flight with that error.
+        `requeue_running(ranks)` sends the running sequences of those attention ranks (None: all)
+        back to waiting and says how many; `fail_all(message)` ends every request in flight with
+        that error.
         """
         t0 = time.perf_counter()
         now = time.monotonic()
@@ -58,29 +60,31 @@ class Recovery:
         if not self.policy.may_recover(self._attempt_times, now):
             why = (f"{self.policy.max_recoveries} recoveries within {self.policy.window_s:g}s "
                    f"already; not trying again")
-            num_requeued = requeue_running()
+            num_requeued = requeue_running(None)
             self._give_up(fault, why, fail_all)
             self._emit(RecoveryEvent(fault, "refused", time.perf_counter() - t0, (), num_requeued, why))
             return
         self._attempt_times.append(now)
         log.warning("recovering from a fault of %s worker rank %s", fault.kind, fault.rank)
         try:
-            kinds = tuple(await executor.recover(fault, self.policy.timeout_s))
+            repair = await executor.recover(fault, self.policy.timeout_s)
         except Exception as exc:  # no resources, a worker that cannot start, a timeout
             why = f"recovery failed: {type(exc).__name__}: {exc}"
             log.exception("engine recovery failed")
-            num_requeued = requeue_running()
+            num_requeued = requeue_running(None)
             self._give_up(fault, why, fail_all)
             self._emit(RecoveryEvent(fault, "failed", time.perf_counter() - t0, (), num_requeued, why))
             return
-        # Only a restarted attention worker loses KV caches; with every attention worker kept, the
-        # step that failed simply runs again (it rewrites the same KV slots, and sampled nothing).
-        num_requeued = requeue_running() if kv_lost(kinds) else 0
+        # Only a restarted attention worker loses its KV cache; the step that failed simply runs
+        # again on the others (it rewrites the same KV slots, and sampled nothing).
+        num_requeued = requeue_running(repair.lost_kv_ranks) if repair.lost_kv_ranks else 0
         self.num_recoveries += 1
         seconds = time.perf_counter() - t0
-        log.warning("recovered in %.2fs (%d workers restarted: %s; %d sequences prefill again) from: %s",
-                    seconds, len(kinds), ", ".join(kinds), num_requeued, fault.describe())
-        self._emit(RecoveryEvent(fault, "recovered", seconds, kinds, num_requeued))
+        kinds = repair.restarted_kinds
+        log.warning("recovered in %.2fs by a %s repair (%d workers new: %s; %d sequences prefill again) "
+                    "from: %s", seconds, repair.kind.replace("_", " "), len(kinds),
+                    ", ".join(kinds) or "none", num_requeued, fault.describe())
+        self._emit(RecoveryEvent(fault, "recovered", seconds, kinds, num_requeued, repair=repair.kind))
 
     def _give_up(self, fault: WorkerFault, why: str, fail_all: Callable[[str], None]) -> None:
         self.unhealthy_reason = f"engine unavailable: {fault.describe()}; {why}"
@@ -94,8 +98,3 @@ class Recovery:
             except Exception:  # metrics must never take the engine down
                 log.exception("recovery listener failed")
 
-
-def kv_lost(restarted_kinds: tuple[str, ...]) -> bool:
-    """Whether a recovery that restarted these kinds of worker lost KV caches (attention workers
-    hold them)."""
-    return "attention" in restarted_kinds

@@ -13,6 +13,19 @@ REPAIRS = ("expert_worker", "attention_worker", "group")
 
 
 @dataclass(frozen=True)
+class Repair:
+    """What an executor's `recover` replaced (cluster/ray_executor.py)."""
+
+    kind: str  # one of REPAIRS
+    restarted_kinds: tuple[str, ...]  # "attention" | "expert", one per new worker
+    lost_kv_ranks: tuple[int, ...] = ()  # attention ranks that lost their KV cache: their sequences prefill
+
+    def __post_init__(self) -> None:
+        if self.kind not in REPAIRS:
+            raise ValueError(f"kind must be one of {REPAIRS}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
 class RecoveryEvent:
     fault: WorkerFault
     outcome: str  # one of OUTCOMES

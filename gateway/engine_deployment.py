@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
+from cluster.elastic_config import ElasticConfig
 from cluster.engine_config import EngineConfig
 from cluster.engine_stats import EngineStats
 from cluster.expert_parallel_config import ExpertParallelConfig
@@ -63,6 +64,7 @@ class EngineOptions:
     metrics_interval_s: float = 1.0  # how often worker stats are drained into metrics
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS  # waiting requests; more are refused (429)
     gpu_fraction: float = 1.0  # a single-process replica's share of its GPU (its KV budget)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)  # the group's expert plane (issue 16)
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 1:

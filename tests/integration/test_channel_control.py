@@ -119,8 +119,8 @@ def test_a_step_that_raises_in_a_loop_is_a_collective_error_then_the_group_serve
     async def fail_then_recover():
         with pytest.raises(WorkerFailed) as failed:
             await group.execute(bad_step())
-        kinds = await group.recover(failed.value.fault, timeout_s=120)
-        return failed.value.fault, kinds, await group.execute(good_step())
+        repair = await group.recover(failed.value.fault, timeout_s=120)
+        return failed.value.fault, repair.restarted_kinds, await group.execute(good_step())
 
     fault, kinds, again = asyncio.run(fail_then_recover())
     assert (fault.cause, fault.rank, fault.kind) == ("collective_error", 0, "attention")
@@ -140,11 +140,14 @@ def test_an_expert_killed_on_the_other_node_is_named_dead(built):
     async def fail_then_recover():
         with pytest.raises(WorkerFailed) as failed:
             await group.execute(good_step())
-        await group.recover(failed.value.fault, timeout_s=120)
-        return failed.value.fault, await group.execute(good_step())
+        repair = await group.recover(failed.value.fault, timeout_s=120)
+        shrunk = await group.execute(good_step())  # the survivor holds every expert now
+        await asyncio.gather(*group.background)  # a new expert worker joins in the background
+        return failed.value.fault, repair, shrunk, await group.execute(good_step())
 
-    fault, again = asyncio.run(fail_then_recover())
+    fault, repair, shrunk, again = asyncio.run(fail_then_recover())
     assert (fault.cause, fault.rank, fault.kind) == ("died", 1, "expert")
+    assert repair.kind == "expert_worker" and shrunk == want
     assert fault.actor_id and fault.node_id
     assert again == want
     assert_routes(group)

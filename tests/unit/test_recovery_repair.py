@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from cluster.recovery import Recovery, kv_lost
+from cluster.recovery import Recovery
+from cluster.recovery_event import Repair
 from cluster.worker_fault import WorkerFault
 from cluster.worker_repair import repairable
 
@@ -15,19 +16,18 @@ def fault(cause: str = "died", kind: str = "expert", rank: int | None = 2) -> Wo
     return WorkerFault(cause, rank, kind, "injected")
 
 
-def test_only_a_dead_expert_worker_with_step_loops_is_repaired_alone():
+def test_a_named_worker_that_died_or_stalled_is_repaired_alone_where_step_loops_run():
     assert repairable(fault(), has_step_loops=True)
+    assert repairable(fault(kind="attention", rank=0), has_step_loops=True)  # only its sequences prefill
+    assert repairable(fault(cause="stalled"), has_step_loops=True)  # killed first: its peers' collectives end
     assert not repairable(fault(), has_step_loops=False)  # nothing tells that the survivors are idle
-    assert not repairable(fault(kind="attention", rank=0), has_step_loops=True)  # its KV cache is gone
-    assert not repairable(fault(cause="stalled"), has_step_loops=True)  # peers may sit in a collective
-    assert not repairable(fault(cause="collective_error"), has_step_loops=True)
+    assert not repairable(fault(cause="collective_error"), has_step_loops=True)  # whose fault is unknown
     assert not repairable(fault(cause="stalled", kind="unknown", rank=None), has_step_loops=True)
 
 
-def test_kv_is_lost_only_when_an_attention_worker_restarted():
-    assert not kv_lost(("expert",))
-    assert kv_lost(("attention", "expert", "expert"))
-    assert kv_lost(("attention",))
+def test_a_repair_names_its_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Repair("node", ())
 
 
 class FakeExecutor:
@@ -47,8 +47,8 @@ def recover(answer) -> tuple[list, list, list, Recovery]:
     events, requeues, failures = [], [], []
     recovery.listeners.append(events.append)
 
-    def requeue_running() -> int:
-        requeues.append(1)
+    def requeue_running(ranks) -> int:
+        requeues.append(ranks)
         return 7
 
     asyncio.run(recovery.recover(fault(), FakeExecutor(answer), requeue_running=requeue_running,
@@ -56,22 +56,30 @@ def recover(answer) -> tuple[list, list, list, Recovery]:
     return events, requeues, failures, recovery
 
 
-def test_a_one_worker_repair_requeues_nothing():
-    events, requeues, failures, recovery = recover(("expert",))
+def test_an_expert_worker_repair_requeues_nothing():
+    events, requeues, failures, recovery = recover(Repair("expert_worker", ()))
     (event,) = events
-    assert (event.outcome, event.restarted_kinds, event.num_requeued) == ("recovered", ("expert",), 0)
+    assert (event.outcome, event.repair, event.num_requeued) == ("recovered", "expert_worker", 0)
     assert requeues == [] and failures == [] and recovery.healthy and recovery.num_recoveries == 1
 
 
-def test_a_group_restart_requeues_every_running_sequence():
-    events, requeues, failures, _ = recover(("attention", "expert", "expert"))
+def test_an_attention_worker_repair_requeues_its_own_sequences_only():
+    events, requeues, failures, _ = recover(Repair("attention_worker", ("attention",), (1,)))
     (event,) = events
-    assert (event.outcome, event.num_requeued) == ("recovered", 7) and requeues == [1] and failures == []
+    assert (event.repair, event.restarted_kinds) == ("attention_worker", ("attention",))
+    assert event.num_requeued == 7
+    assert requeues == [(1,)] and failures == []
+
+
+def test_a_group_restart_requeues_every_running_sequence():
+    events, requeues, failures, _ = recover(Repair("group", ("attention", "attention", "expert"), (0, 1)))
+    (event,) = events
+    assert (event.outcome, event.num_requeued) == ("recovered", 7) and requeues == [(0, 1)] and failures == []
 
 
 @pytest.mark.parametrize("error", [TimeoutError("late"), RuntimeError("no bundle")])
 def test_a_failed_recovery_requeues_then_fails_every_request(error):
     events, requeues, failures, recovery = recover(error)
     (event,) = events
-    assert (event.outcome, event.num_requeued) == ("failed", 7) and requeues == [1]
+    assert (event.outcome, event.num_requeued) == ("failed", 7) and requeues == [None]
     assert failures == [recovery.unhealthy_reason] and not recovery.healthy

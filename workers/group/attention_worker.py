@@ -46,12 +46,19 @@ class AttentionWorker(GroupMember):
         return self.memory
 
     def on_joined(self) -> None:
+        """A new dispatcher on the new process group or placement; the runner (and the KV cache it
+        writes) stays."""
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport,
                                              self.spec.capacity_factor)
-        model = MixtralModel(self.config, self.weights, self.dispatcher, experts={})  # its experts are remote
-        self.runner = ModelRunner(model, self.kv_cache)
+        if self.runner is None:
+            model = MixtralModel(self.config, self.weights, self.dispatcher, experts={})  # experts are remote
+            self.runner = ModelRunner(model, self.kv_cache)
+        else:
+            self.runner.model.dispatcher = self.dispatcher
 
-    def execute(self, batch: ScheduledBatch) -> StepOutput:
+    def execute(self, batch: ScheduledBatch, placement_version: int | None = None) -> StepOutput:
+        if placement_version is not None:
+            self.follow_placement(placement_version)
         t0 = time.perf_counter()
         self.dispatcher.begin_step(batch.low_latency_tokens)
         out = self.runner.execute(batch)
@@ -60,4 +67,4 @@ class AttentionWorker(GroupMember):
         return out
 
     def run_step(self, message: StepMessage) -> StepOutput:
-        return self.execute(message.batches[self.rank])
+        return self.execute(message.batches[self.rank], message.placement_version)

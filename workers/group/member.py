@@ -1,10 +1,13 @@
 """What attention and expert workers share: the one device decision, the checkpoint, joining
-the group's process group, and the step loop that the engine feeds without a Ray call per step."""
+the group's process group, the step loop that the engine feeds without a Ray call per step, and
+following the group's expert placement as it changes (placement_update.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import threading
 from datetime import timedelta
 
 import torch
@@ -18,6 +21,7 @@ from workers.comm.transport import (
 )
 from workers.device.memory import ensure_weights_fit
 from workers.device.selection import resolve_dtype, select_device
+from workers.group.placement_update import PlacementUpdate
 from workers.group.spec import GroupSpec
 from workers.group.step_link import StepLink
 from workers.group.step_loop import serve_steps
@@ -42,6 +46,11 @@ class GroupMember:
         self.busy_seconds = 0.0
         self.num_steps = 0
         self.step_link: StepLink | None = None  # from connect_steps() until serve_steps() takes it
+        self.placement_version = spec.placement_version
+        # Written by prepare_placement (a Ray call on another actor thread, while steps run), read
+        # by the step that switches: the lock keeps the two from seeing half an update.
+        self._placement_lock = threading.Lock()
+        self._pending: PlacementUpdate | None = None
 
     def ensure_weights_fit(self, weight_bytes: int) -> None:
         """A share of the checkpoint that cannot fit this worker's GPU fails now, not halfway."""
@@ -64,7 +73,55 @@ class GroupMember:
         """Rank 0 publishes where the group meets: this node's real address and a free port."""
         return pick_rendezvous_address(), pick_free_port()
 
-    def join(self, master_addr: str, master_port: int, backend: str) -> None:
+    def prepare_placement(self, update: PlacementUpdate) -> None:
+        """Get ready to switch to `update` (an expert worker loads the copies it lacks); the switch
+        comes with the first step that carries its version, or with the next `join`."""
+        if update.version <= self.placement_version:
+            raise ValueError(f"placement {update.version} is not newer than this worker's "
+                             f"{self.placement_version}")
+        if update.expert_map.num_layers != self.config.num_hidden_layers:
+            raise ValueError(f"placement {update.version} maps {update.expert_map.num_layers} layers, "
+                             f"the model has {self.config.num_hidden_layers}")
+        self.stage_placement(update)
+        with self._placement_lock:
+            self._pending = update
+
+    def stage_placement(self, update: PlacementUpdate) -> None:
+        """Load what `update` needs ahead of the switch (while steps go on)."""
+
+    def follow_placement(self, version: int) -> None:
+        """Switch to placement `version` unless already on it: at a step boundary, before the step.
+
+        Within a process group only the expert map changes (ranks and world size stay); a rank
+        that moves needs a new group, so it switches in `join`."""
+        if version == self.placement_version:
+            return
+        with self._placement_lock:
+            update, self._pending = self._pending, None
+        if update is None or update.version != version:
+            prepared = update.version if update else "none"
+            raise RuntimeError(f"rank {self.rank}: the step runs on placement {version}, this worker is on "
+                               f"{self.placement_version} and prepared {prepared}")
+        if self.transport is not None and (update.rank, update.expert_map.world_size) != (
+                self.rank, self.spec.world_size):
+            raise RuntimeError(f"rank {self.rank}: placement {version} moves it to rank {update.rank} of "
+                               f"{update.expert_map.world_size}, which needs a new process group")
+        self.adopt_placement(update)
+        self.spec = dataclasses.replace(self.spec, expert_map=update.expert_map, placement_version=version)
+        self.rank = update.rank
+        self.placement_version = version
+        if self.transport is not None:
+            self.on_joined()  # the dispatcher's tables follow the map; the process group stays
+
+    def adopt_placement(self, update: PlacementUpdate) -> None:
+        """Make what `stage_placement` loaded the worker's own (an expert worker's new experts)."""
+
+    def join(self, master_addr: str, master_port: int, backend: str,
+             placement_version: int | None = None) -> None:
+        """Join the group's process group; with `placement_version`, on that placement (prepared
+        before: the re-formed group may have more or fewer workers, and this one a new rank)."""
+        if placement_version is not None:
+            self.follow_placement(placement_version)
         timeout = timedelta(seconds=self.spec.collective_timeout_s)
         self.transport = init_process_group(self.rank, self.spec.world_size, master_addr, master_port,
                                             backend, self.device, timeout)

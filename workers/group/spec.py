@@ -21,6 +21,7 @@ class GroupSpec:
     capacity_factor: float | None = None  # None: dropless
     num_threads: int = 1  # torch intra-op threads per worker
     collective_timeout_s: float = 120.0
+    placement_version: int = 0  # of expert_map: a worker started after a placement change starts on it
 
     def __post_init__(self) -> None:
         if self.expert_map.world_size <= self.num_attention_workers:

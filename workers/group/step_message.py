@@ -39,10 +39,12 @@ class StepRoute:
 @dataclass(frozen=True)
 class StepMessage:
     """One step for the whole group: attention rank r runs batches[r]; every worker follows the
-    step's dispatch mode (None: exact; a number: low-latency buffers of that many tokens)."""
+    step's dispatch mode (None: exact; a number: low-latency buffers of that many tokens) and
+    its expert placement (a worker still on an older one switches first: placement_update.py)."""
 
     low_latency_tokens: int | None
     batches: tuple[ScheduledBatch, ...]  # by attention rank; () in the copy sent to expert workers only
+    placement_version: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""The elastic expert plane on a real Ray model group (issue 16): a rebalance, a scale-up and a
+scale-down while 16 greedy streams run give exactly the single-process engine's tokens, and
+the workers hold what each placement says; the controller (ExpertPlane) makes those changes
+itself from the load it reads."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import ray
+
+from cluster.distributed_engine import build_distributed_engine
+from cluster.elastic_config import ElasticConfig, ExpertAutoscalingConfig, RebalanceConfig
+from cluster.engine_config import EngineConfig
+from cluster.expert_plane import ExpertPlane
+from cluster.local_engine import build_local_engine
+from cluster.placement import place_experts
+from cluster.plane_actions import rebalance_to, scale_to
+from cluster.topology import TopologyConfig
+from tests.model_helpers import save_hf_mixtral
+from workers.model.sampling_params import SamplingParams
+
+NUM_STREAMS = 16
+ENGINE_CFG = EngineConfig(max_num_seqs=32, max_num_batched_tokens=128, block_size=4, num_kv_blocks=1024)
+GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+DEADLINE_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("elastic_model")
+    save_hf_mixtral(out, num_hidden_layers=2, num_local_experts=8, max_position_embeddings=512)
+    return out
+
+
+def prompts(seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 100) for _ in range(rng.randint(2, 24))] for _ in range(NUM_STREAMS)]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return asyncio.run(_streams(build_local_engine(model_dir, ENGINE_CFG)))
+
+
+async def _streams(engine, during=None) -> list[list[int]]:
+    """All streams at once; `during()` is awaited while they run (it must end before they do)."""
+    async def one(i, prompt):
+        tokens, last = [], None
+        async for out in engine.generate(f"s{i}", prompt, GREEDY):
+            tokens += out.token_ids
+            last = out
+        assert last.finish_reason == "length", last  # no request fails
+        return tokens
+
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts())]
+    if during is not None:
+        while engine.stats().num_generated_tokens < NUM_STREAMS * 4:  # every stream under way
+            await asyncio.sleep(0.01)
+        await during()
+        assert not all(t.done() for t in tasks), "the streams ended before the change did"
+    try:
+        return await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S)
+    finally:
+        await engine.shutdown()
+
+
+def build(model_dir, num_expert_workers: int = 2):
+    topology = TopologyConfig(num_attention_workers=1, num_expert_workers=num_expert_workers,
+                              num_cpus_per_worker=0.1)
+    return build_distributed_engine(model_dir, ENGINE_CFG, topology)
+
+
+def assert_workers_hold_the_placement(group) -> None:
+    held = ray.get([w.held_experts.remote() for w in group.experts])
+    for index, pairs in enumerate(held):
+        want = {(layer, e) for layer in range(group.placement.num_layers)
+                for e in group.placement.experts_on(layer, index)}
+        assert set(pairs) == want
+
+
+def test_rebalance_scale_up_and_scale_down_under_load_keep_greedy_ids(ray_local, model_dir, reference):
+    engine, group = build(model_dir)
+    events = []
+    group.plane_listeners.append(events.append)
+    try:
+        # A placement unlike the start's: replicas of two experts, balanced for a made-up load.
+        moved = place_experts(2, 8, 2, replicas={(0, 3): 2, (1, 6): 2},
+                              load={(layer, e): float(e + 1) for layer in range(2) for e in range(8)})
+
+        async def rebalance():
+            await rebalance_to(group, moved)
+
+        assert asyncio.run(_streams(engine, rebalance)) == reference
+        assert group.placement == moved and group.placement_version == 1
+        assert_workers_hold_the_placement(group)
+
+        async def up():
+            await scale_to(group, 3)
+
+        assert asyncio.run(_streams(engine, up)) == reference
+        assert group.num_expert_workers == 3 and group.placement_version == 2
+        assert_workers_hold_the_placement(group)
+        kept = [w._actor_id for w in group.workers[:3]]
+
+        async def down():
+            await scale_to(group, 2)
+
+        assert asyncio.run(_streams(engine, down)) == reference
+        assert group.num_expert_workers == 2 and group.placement_version == 3
+        assert [w._actor_id for w in group.workers] == kept  # the attention worker and two experts stay
+        assert_workers_hold_the_placement(group)
+
+        assert [(e.kind, e.outcome) for e in events] == [("rebalance", "done"), ("scale_up", "done"),
+                                                         ("scale_down", "done")]
+        assert events[0].pause_seconds == 0.0  # a rebalance never pauses steps
+        assert all(e.pause_seconds > 0 for e in events[1:])  # re-forming the group is the pause
+        print("\n" + "\n".join(f"{e.kind}: {e.seconds:.2f}s, steps paused {e.pause_seconds * 1e3:.0f} ms"
+                               for e in events))
+    finally:
+        group.shutdown()
+
+
+def test_the_controller_rebalances_and_scales_from_what_it_reads(ray_local, model_dir, reference):
+    """Thresholds set so the real load calls for each change: a rebalance with replicas (any gain
+    is enough), then autoscaling on busy time (any is enough) up to its maximum, and back down
+    to its minimum once idle."""
+    engine, group = build(model_dir)
+    config = ElasticConfig(
+        rebalance=RebalanceConfig(enabled=True, interval_s=0.01, threshold=1.0, min_gain=0.0,
+                                  extra_copies_per_layer=2, min_tokens=1, cooldown_s=0.0),
+    )
+    plane = ExpertPlane(group, config)
+    seen_stats = []
+    plane.stats_listeners.append(seen_stats.append)
+    events = []
+    group.plane_listeners.append(events.append)
+    try:
+        async def rebalance_when_due():
+            for _ in range(50):
+                await asyncio.sleep(0.3)
+                task = await plane.tick()
+                if task is not None:
+                    await task
+                    return
+
+        assert asyncio.run(_streams(engine, rebalance_when_due)) == reference
+        (event,) = events
+        assert (event.kind, event.outcome) == ("rebalance", "done")
+        assert event.imbalance_after < event.imbalance_before
+        assert any(len(group.placement.workers_of(layer, e)) == 2 for layer in range(2) for e in range(8))
+        assert_workers_hold_the_placement(group)
+        assert seen_stats and all(len(s) == 3 for s in seen_stats)
+
+        plane.config = ElasticConfig(autoscaling=ExpertAutoscalingConfig(
+            enabled=True, min_workers=1, max_workers=3, upscale_busy=1e-6, downscale_busy=1e-7,
+            upscale_delay_s=0.0, downscale_delay_s=0.0, interval_s=0.01))
+
+        async def scale_up_when_due():
+            for _ in range(50):
+                await asyncio.sleep(0.3)
+                task = await plane.tick()
+                if task is not None:
+                    await task
+                    return
+
+        assert asyncio.run(_streams(engine, scale_up_when_due)) == reference
+        assert (events[-1].kind, events[-1].outcome) == ("scale_up", "done")
+        assert group.num_expert_workers == group.target_expert_workers == 3
+
+        async def scale_down_while_idle():
+            for _ in range(50):
+                await asyncio.sleep(0.3)
+                task = await plane.tick()
+                if task is not None:
+                    await task
+                if group.num_expert_workers == 1:
+                    return
+
+        asyncio.run(scale_down_while_idle())
+        assert [e.kind for e in events[-2:]] == ["scale_down", "scale_down"]
+        assert group.num_expert_workers == 1
+        assert asyncio.run(_streams(engine)) == reference  # one worker holding every expert
+        assert_workers_hold_the_placement(group)
+    finally:
+        group.shutdown()
