@@ -24,8 +24,9 @@ def test_padded_rows_point_at_the_scratch_block_and_attend_nothing():
     assert step.slot_mapping_B.tolist() == [7 * P, 11 * P + 1, 5 * P, 30 * P]
     assert step.context_lens_B.tolist() == [1, 6, 13, 0]
     assert step.context_lens_B.dtype == torch.int32 and step.block_tables_Bw.dtype == torch.int32
-    # As wide as the longest context needs (13 keys: 4 blocks); short tables padded with scratch.
-    assert step.block_tables_Bw.tolist() == [[7, 30, 30, 30], [3, 11, 2, 30], [9, 1, 20, 5], [30, 30, 30, 30]]
+    # As wide as the longest context needs (13 keys: 4 blocks); past each context, the scratch block
+    # (the second table's third block is not yet in its context of 6 keys).
+    assert step.block_tables_Bw.tolist() == [[7, 30, 30, 30], [3, 11, 30, 30], [9, 1, 20, 5], [30, 30, 30, 30]]
 
 
 def test_a_full_bucket_has_no_padding():
@@ -87,6 +88,6 @@ def test_buffers_keep_their_addresses_and_take_each_new_step():
     assert small.slot_mapping_T.tolist() == [6 * P + 2, 12 * P]
     assert small.decode.context_lens_S.tolist() == [3, 1]
     assert small.decode.block_tables_SB[:, 0].tolist() == [6, 12]
-    assert small.decode.block_tables_SB[1, 1:4].tolist() == [11, 2, 30]  # stale, past the context
+    assert small.decode.block_tables_SB[1, 1:4].tolist() == [11, 30, 30]  # stale, past the context
     with pytest.raises(ValueError):
         inputs.metadata(9)

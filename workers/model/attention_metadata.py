@@ -7,9 +7,12 @@ in the paged KV cache.
 What attention reads from the cache depends on the step, not the layer, so every index
 tensor is built once per step, on the host, in one flat buffer (pinned when the step runs
 on a GPU) that is copied to the device with a single non-blocking copy; the tensors the
-layers read are views of the device copy. The dense per-key forms the plain attention path
-wants (slots_SC, mask_SC, mask_LC) are derived from those views on the device, lazily, the
-first time a layer asks, so a GPU kernel that reads the block table never pays for them.
+layers read are views of the device copy. They are derived with tensor ops from the step's
+block tables (`StepTables`), which `StepTables.build` writes from scratch (the reference) and
+the model runner keeps up to date across steps instead (incremental_tables.py). The dense
+per-key forms the plain attention path wants (slots_SC, mask_SC, mask_LC) are derived from
+those views on the device, lazily, the first time a layer asks, so a GPU kernel that reads the
+block table never pays for them.
 
 Shapes: T tokens, S decode sequences, C context length (keys visible to a query), B blocks
 of a block table, P block size, L query length of one prefill chunk, N the prefill chunks'
@@ -167,41 +170,77 @@ class AttentionMetadata:
     @classmethod
     def build(cls, extents: Sequence[SeqExtent], block_size: int,
               device: torch.device | str = _HOST) -> AttentionMetadata:
-        """Every index tensor of the step, computed on the host, moved to `device` in one copy."""
+        """Every index tensor of the step, computed on the host from scratch, moved to `device` in
+        one copy. The reference for the incremental path (incremental_tables.py)."""
+        extents = tuple(extents)
+        return cls.from_tables(extents, StepTables.build(extents, block_size), block_size, device)
+
+    @classmethod
+    def from_tables(cls, extents: Sequence[SeqExtent], tables: StepTables, block_size: int,
+                    device: torch.device | str = _HOST) -> AttentionMetadata:
+        """As `build`, from the step's block tables already on the host (`tables` describes
+        `extents`, row for row). Only tensor ops per sequence; a Python loop over prefill chunks."""
         device = torch.device(device)
         extents = tuple(extents)
-        host = _HostIndices.build(extents, block_size)
-        starts = host.query_starts
-        decode_seqs = [i for i, e in enumerate(extents) if e.query_len == 1]
-        prefill_seqs = [i for i, e in enumerate(extents) if e.query_len > 1]
-
+        host = _HostIndices.from_tables(tables, block_size)
         dev = _copy_to_device(host.int64_parts, host.int32_parts, device)
         positions_T, slot_mapping_T, decode_rows_S, prefill_slots_N = dev.int64
         block_tables_SB, context_lens_S = dev.int32
 
         decode = None
-        if decode_seqs:
+        if host.num_decode:
             decode = DecodeBatch(
                 rows_S=decode_rows_S,
-                block_tables_SB=block_tables_SB.view(len(decode_seqs), -1),
+                block_tables_SB=block_tables_SB.view(host.num_decode, -1),
                 context_lens_S=context_lens_S,
-                max_context_len=max(extents[i].context_len for i in decode_seqs),
+                max_context_len=host.max_decode_context_len,
                 block_size=block_size,
             )
         prefill = []
         offset = 0
-        for i in prefill_seqs:
-            ext, start = extents[i], starts[i]
-            rows = slice(start, start + ext.query_len)
+        for start, query_len, context_len in host.prefill_extents:
+            rows = slice(start, start + query_len)
             prefill.append(PrefillChunk(
-                rows=rows, context_len=ext.context_len,
-                slots_C=prefill_slots_N[offset: offset + ext.context_len], positions_L=positions_T[rows],
+                rows=rows, context_len=context_len,
+                slots_C=prefill_slots_N[offset: offset + context_len], positions_L=positions_T[rows],
             ))
-            offset += ext.context_len
+            offset += context_len
         return cls(
             extents=extents, block_size=block_size, positions_T=positions_T, slot_mapping_T=slot_mapping_T,
-            query_starts=starts, decode=decode, prefill=tuple(prefill),
+            query_starts=host.query_starts, decode=decode, prefill=tuple(prefill),
         )
+
+
+@dataclass(frozen=True)
+class StepTables:
+    """The step's M sequences on the host: where each starts, how many tokens it brings, and its
+    block table cut to the blocks its context uses, padded with block 0 to the widest ([M, B], so
+    slots of all tokens come from a few tensor ops, not a loop per token)."""
+
+    start_pos_M: torch.Tensor  # int64
+    query_lens_M: torch.Tensor  # int64
+    tables_MB: torch.Tensor  # int32; B = the most blocks any context uses; 0 past each context's blocks
+
+    @property
+    def num_seqs(self) -> int:
+        return self.start_pos_M.shape[0]
+
+    @classmethod
+    def build(cls, extents: Sequence[SeqExtent], block_size: int) -> StepTables:
+        """From scratch: every row of every table, every step (the reference)."""
+        P = block_size
+        needed = [-(-e.context_len // P) for e in extents]
+        for ext, need in zip(extents, needed, strict=True):
+            if len(ext.block_table) < need:
+                raise ValueError(f"block table of {len(ext.block_table)} blocks cannot hold "
+                                 f"{ext.context_len} tokens")
+        max_blocks = max(needed, default=0)
+        tables_MB = _int_tensor("i", itertools.chain.from_iterable(
+            itertools.chain(e.block_table[:n], itertools.repeat(0, max_blocks - n))
+            for e, n in zip(extents, needed, strict=True)
+        )).view(len(extents), max_blocks)
+        return cls(start_pos_M=_int_tensor("q", (e.start_pos for e in extents)),
+                   query_lens_M=_int_tensor("q", (e.query_len for e in extents)), tables_MB=tables_MB)
 
 
 @dataclass(frozen=True)
@@ -211,35 +250,29 @@ class _HostIndices:
     query_starts: tuple[int, ...]
     int64_parts: tuple[torch.Tensor, ...]  # positions_T, slot_mapping_T, decode rows_S, prefill slots_N
     int32_parts: tuple[torch.Tensor, ...]  # decode block_tables_SB (flattened), decode context_lens_S
+    num_decode: int
+    max_decode_context_len: int
+    prefill_extents: tuple[tuple[int, int, int], ...]  # (first row, query_len, context_len) per chunk
 
     @classmethod
-    def build(cls, extents: tuple[SeqExtent, ...], block_size: int) -> _HostIndices:
+    def from_tables(cls, tables: StepTables, block_size: int) -> _HostIndices:
         P = block_size
-        needed = [-(-e.context_len // P) for e in extents]
-        for ext, need in zip(extents, needed, strict=True):
-            if len(ext.block_table) < need:
-                raise ValueError(f"block table of {len(ext.block_table)} blocks cannot hold "
-                                 f"{ext.context_len} tokens")
-        max_blocks = max(needed, default=0)
-        # Every sequence's table cut to the blocks its context uses, padded with block 0: one
-        # [M, B] tensor, so slots of all tokens come from a few tensor ops, not a loop per token.
-        tables_MB = _long_tensor(itertools.chain.from_iterable(
-            itertools.chain(e.block_table[:n], itertools.repeat(0, max_blocks - n))
-            for e, n in zip(extents, needed, strict=True)
-        )).view(len(extents), max_blocks)
-        query_lens_M = _long_tensor(e.query_len for e in extents)
-        start_pos_M = _long_tensor(e.start_pos for e in extents)
+        query_lens_M, start_pos_M, tables_MB = tables.query_lens_M, tables.start_pos_M, tables.tables_MB
+        M = tables.num_seqs
+        ctx_M = start_pos_M + query_lens_M
+        num_decode = int((query_lens_M == 1).sum())
+        if num_decode == M:
+            return cls._pure_decode(tables, ctx_M, block_size)
         starts_M = torch.cumsum(query_lens_M, 0) - query_lens_M
-
-        seq_T = torch.repeat_interleave(torch.arange(len(extents)), query_lens_M)
+        seq_T = torch.repeat_interleave(torch.arange(M), query_lens_M)
         positions_T = start_pos_M[seq_T] + torch.arange(seq_T.numel()) - starts_M[seq_T]
         slot_mapping_T = _slots(tables_MB, seq_T, positions_T, P)
 
-        decode_M = (query_lens_M == 1).nonzero()[:, 0]
-        prefill_M = (query_lens_M > 1).nonzero()[:, 0]
-        ctx_M = start_pos_M + query_lens_M
-        decode_blocks = max((n for e, n in zip(extents, needed, strict=True) if e.query_len == 1), default=0)
-        block_tables_SB = tables_MB[decode_M, :decode_blocks]
+        is_decode_M = query_lens_M == 1
+        decode_M = is_decode_M.nonzero()[:, 0]
+        prefill_M = (~is_decode_M).nonzero()[:, 0]
+        max_decode_ctx = int(ctx_M[decode_M].max()) if num_decode else 0
+        block_tables_SB = tables_MB[decode_M, :-(-max_decode_ctx // P)]
 
         # Each prefill chunk's whole context (0 .. context_len-1), chunks back to back.
         ctx_pf = ctx_M[prefill_M]
@@ -251,20 +284,39 @@ class _HostIndices:
         return cls(
             query_starts=tuple(starts_M.tolist()),
             int64_parts=(positions_T, slot_mapping_T, starts_M[decode_M], prefill_slots_N),
-            int32_parts=(block_tables_SB.reshape(-1).int(), ctx_M[decode_M].int()),
+            int32_parts=(block_tables_SB.reshape(-1), ctx_M[decode_M].int()),
+            num_decode=num_decode, max_decode_context_len=max_decode_ctx,
+            prefill_extents=tuple(zip(starts_M[prefill_M].tolist(), query_lens_M[prefill_M].tolist(),
+                                      ctx_pf.tolist(), strict=True)),
+        )
+
+    @classmethod
+    def _pure_decode(cls, tables: StepTables, ctx_M: torch.Tensor, block_size: int) -> _HostIndices:
+        """Every sequence brings one token (the common step): token i is sequence i's, at its
+        start position; no prefill parts. The same tensors the general case gives, in fewer ops."""
+        M, P = tables.num_seqs, block_size
+        positions_T = tables.start_pos_M
+        rows_M = torch.arange(M)
+        slot_mapping_T = _slots(tables.tables_MB, rows_M, positions_T, P)
+        return cls(
+            query_starts=tuple(range(M)),
+            int64_parts=(positions_T, slot_mapping_T, rows_M, torch.empty(0, dtype=torch.long)),
+            int32_parts=(tables.tables_MB.reshape(-1), ctx_M.int()),
+            num_decode=M, max_decode_context_len=int(ctx_M.max()) if M else 0, prefill_extents=(),
         )
 
 
-def _long_tensor(values: Iterable[int]) -> torch.Tensor:
-    # Through an array: several times faster than torch.tensor on a list (thousands of block ids
-    # per step at large batches).
-    buf = array.array("q", values)
-    return torch.frombuffer(buf, dtype=torch.long) if buf else torch.empty(0, dtype=torch.long)
+def _int_tensor(typecode: str, values: Iterable[int]) -> torch.Tensor:
+    """int64 ("q") or int32 ("i") values on the host. Through an array: several times faster than
+    torch.tensor on a list (thousands of block ids per step at large batches)."""
+    buf = array.array(typecode, values)
+    dtype = torch.long if typecode == "q" else torch.int32
+    return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
 
 def _slots(tables_MB: torch.Tensor, seq_X: torch.Tensor, pos_X: torch.Tensor,
            block_size: int) -> torch.Tensor:
-    return tables_MB[seq_X, pos_X // block_size] * block_size + pos_X % block_size
+    return tables_MB[seq_X, pos_X // block_size].long() * block_size + pos_X % block_size
 
 
 @dataclass(frozen=True)

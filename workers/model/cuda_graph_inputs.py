@@ -12,7 +12,8 @@ As for an eager step, the host builds the contents and one non-blocking copy mov
 per-row values land in place; the block tables, only as wide as this step's longest context
 needs, land in a staging area and one device copy puts them into the static [rows, W] table.
 Entries past a row's context are never read (the kernel masks its loads by the context
-length), so the rest of the static table may hold stale block ids from earlier steps.
+length): this step writes the scratch block there, and the rest of the static table may hold
+stale block ids from earlier steps.
 
 Shapes: B rows of a bucket, R rows of the largest bucket (every buffer's capacity), W blocks
 of the static block table, w blocks of this step's widest table, P block size.
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.model.attention_metadata import AttentionMetadata, DecodeBatch, SeqExtent
+from workers.model.attention_metadata import AttentionMetadata, DecodeBatch, SeqExtent, StepTables
 
 
 @dataclass(frozen=True)
@@ -73,33 +74,39 @@ class PaddedDecodeStep:
 def pad_decode_step(token_ids: Sequence[int], extents: Sequence[SeqExtent], bucket: int,
                     shape: DecodeGraphShape) -> PaddedDecodeStep:
     """The step's S decode rows, then bucket − S padding rows pointing at the scratch block."""
-    S, P = len(extents), shape.block_size
+    return pad_decode_tables(token_ids, StepTables.build(extents, shape.block_size), bucket, shape)
+
+
+def pad_decode_tables(token_ids: Sequence[int], tables: StepTables, bucket: int,
+                      shape: DecodeGraphShape) -> PaddedDecodeStep:
+    """As `pad_decode_step`, from the step's block tables already on the host (the model runner
+    keeps them across steps: incremental_tables.py). Tensor ops only, no loop over rows."""
+    S, P = tables.num_seqs, shape.block_size
     if len(token_ids) != S or not 0 < S <= bucket <= shape.max_batch:
         raise ValueError(f"{len(token_ids)} ids and {S} sequences do not fit a bucket of {bucket} "
                          f"(at most {shape.max_batch})")
-    for e in extents:
-        need = -(-e.context_len // P)
-        if e.query_len != 1 or e.context_len > shape.max_context_len or len(e.block_table) < need:
-            raise ValueError(f"not a decode row of at most {shape.max_context_len} keys: {e}")
-    width = max(-(-e.context_len // P) for e in extents)
+    positions_S = tables.start_pos_M
+    context_lens_S = positions_S + tables.query_lens_M
+    if not bool((tables.query_lens_M == 1).all()) or int(context_lens_S.max()) > shape.max_context_len:
+        raise ValueError(f"not a step of decode rows of at most {shape.max_context_len} keys: "
+                         f"query lengths {tables.query_lens_M.tolist()}, contexts {context_lens_S.tolist()}")
+    width = tables.tables_MB.shape[1]  # the widest context's blocks
+    used_Sw = torch.arange(width) < ((context_lens_S + P - 1) // P)[:, None]
+    tables_Bw = torch.full((bucket, width), shape.scratch_block, dtype=torch.int32)
+    tables_Bw[:S] = torch.where(used_Sw, tables.tables_MB, shape.scratch_block)
+    slots_S = tables.tables_MB[torch.arange(S), positions_S // P].long() * P + positions_S % P
     pad = bucket - S
-    scratch = shape.scratch_block
-    tables = _int_tensor("i", itertools.chain(
-        itertools.chain.from_iterable(
-            itertools.chain(e.block_table[:width], itertools.repeat(scratch, width - len(e.block_table)))
-            for e in extents),
-        itertools.repeat(scratch, pad * width),
-    )).view(bucket, width)
-    positions = [e.start_pos for e in extents]
-    slots = [e.block_table[p // P] * P + p % P for e, p in zip(extents, positions, strict=True)]
     return PaddedDecodeStep(
         token_ids_B=_int_tensor("q", itertools.chain(token_ids, itertools.repeat(0, pad))),
-        positions_B=_int_tensor("q", itertools.chain(positions, itertools.repeat(0, pad))),
-        slot_mapping_B=_int_tensor("q", itertools.chain(slots, itertools.repeat(shape.scratch_slot, pad))),
-        context_lens_B=_int_tensor("i", itertools.chain((e.context_len for e in extents),
-                                                        itertools.repeat(0, pad))),
-        block_tables_Bw=tables,
+        positions_B=_padded(positions_S, pad, 0),
+        slot_mapping_B=_padded(slots_S, pad, shape.scratch_slot),
+        context_lens_B=_padded(context_lens_S.int(), pad, 0),
+        block_tables_Bw=tables_Bw,
     )
+
+
+def _padded(x_S: torch.Tensor, pad: int, value: int) -> torch.Tensor:
+    return torch.cat([x_S, torch.full((pad,), value, dtype=x_S.dtype)]) if pad else x_S
 
 
 class DecodeGraphInputs:

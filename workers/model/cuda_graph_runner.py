@@ -25,9 +25,9 @@ from typing import Protocol
 
 import torch
 
-from workers.model.attention_metadata import SeqExtent
+from workers.model.attention_metadata import SeqExtent, StepTables
 from workers.model.cuda_graph_buckets import DEFAULT_BUCKET_SIZES, decode_buckets, decode_step_bucket
-from workers.model.cuda_graph_inputs import DecodeGraphInputs, DecodeGraphShape, pad_decode_step
+from workers.model.cuda_graph_inputs import DecodeGraphInputs, DecodeGraphShape, pad_decode_tables
 from workers.model.kv_cache import KVCache
 from workers.model.mixtral import MixtralModel
 
@@ -100,10 +100,13 @@ class DecodeGraphRunner:
         """The bucket this step replays in; None: run it eagerly."""
         return decode_step_bucket(extents, self.buckets, self.inputs.shape.max_context_len)
 
-    def run(self, token_ids: Sequence[int], extents: Sequence[SeqExtent], bucket: int) -> torch.Tensor:
+    def run(self, token_ids: Sequence[int], extents: Sequence[SeqExtent], bucket: int,
+            tables: StepTables | None = None) -> torch.Tensor:
         """fp32 logits of the step's S rows, [S, V], in `extents` order. A view of the graph's
-        output: read it before the next step replays."""
-        self.inputs.write(pad_decode_step(token_ids, extents, bucket, self.inputs.shape))
+        output: read it before the next step replays. `tables`: the step's block tables when the
+        caller keeps them (the model runner does); None builds them from `extents`."""
+        tables = tables if tables is not None else StepTables.build(extents, self.inputs.shape.block_size)
+        self.inputs.write(pad_decode_tables(token_ids, tables, bucket, self.inputs.shape))
         logits_BV = self.steps[bucket]()
         self.runs_per_bucket[bucket] += 1
         return logits_BV[:len(extents)]

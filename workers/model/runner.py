@@ -1,4 +1,7 @@
-"""Runs one scheduled step on a model: build attention metadata, forward, sample.
+"""Runs one scheduled step on a model: attention metadata, forward, sample.
+
+The metadata comes from block tables kept across steps (incremental_tables.py): a decode step
+patches the rows that changed instead of rebuilding every sequence's table.
 
 A pure decode step may instead replay a captured CUDA graph (workers/model/cuda_graph_runner.py);
 sampling is the same either way.
@@ -15,6 +18,7 @@ import torch
 from workers.model.attention_metadata import AttentionMetadata, SeqExtent
 from workers.model.batch_spec import ScheduledBatch
 from workers.model.cuda_graph_runner import DecodeGraphRunner
+from workers.model.incremental_tables import IncrementalTables
 from workers.model.kv_cache import KVCache
 from workers.model.mixtral import MixtralModel
 from workers.model.sampler import SampleKey, sample
@@ -33,6 +37,8 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.device = model.weights.embed_VH.device
         self.decode_graphs = decode_graphs
+        # The step's block tables, patched from one step to the next rather than rebuilt.
+        self.tables = IncrementalTables(kv_cache.block_size)
 
     @property
     def block_size(self) -> int:
@@ -42,19 +48,20 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         seqs = batch.seqs
         extents = [SeqExtent(s.start_pos, len(s.token_ids), s.block_table) for s in seqs]
+        tables = self.tables.update([s.seq_id for s in seqs], extents)
         wanted = [i for i, s in enumerate(seqs) if s.needs_sample]
         graphs = self.decode_graphs
         bucket = graphs.step_bucket(extents) if graphs is not None else None
         if bucket is not None:
             # One token per sequence: row i of the replay's logits is sequence i's.
-            logits_SV = graphs.run([s.token_ids[0] for s in seqs], extents, bucket)
+            logits_SV = graphs.run([s.token_ids[0] for s in seqs], extents, bucket, tables)
             if not wanted:
                 return StepOutput.empty()
             if len(wanted) < len(seqs):
                 logits_SV = logits_SV[wanted]
         else:
             # Host-built, one copy each onto the device (non-blocking from pinned memory on a GPU).
-            meta = AttentionMetadata.build(extents, self.block_size, self.device)
+            meta = AttentionMetadata.from_tables(extents, tables, self.block_size, self.device)
             ids_T = _to_device([t for s in seqs for t in s.token_ids], self.device)
             hidden_TH = self.model.forward(ids_T, meta, self.kv_cache)
             if not wanted:
