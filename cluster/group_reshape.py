@@ -37,7 +37,10 @@ from workers.group.spec import GroupSpec
 
 log = logging.getLogger(__name__)
 
-LOOPS_END_S = 5.0  # after the channel closes, an idle worker's step loop returns at once
+# After the channel closes, an idle worker's step loop returns at once; one still in a collective
+# with a stalled peer returns once that peer's process is gone, and Ray takes about 5 s to
+# force-kill a stopped process (measured here).
+LOOPS_END_S = 15.0
 
 
 class GroupChanged(Exception):

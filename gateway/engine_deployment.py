@@ -112,6 +112,15 @@ class EngineDeployment:
         self._generated_seen = 0
         self.engine.step_listeners.append(self._on_step)
         self.engine.recovery.listeners.append(self.metrics.observe_recovery)  # worker faults
+        self.plane = None  # a group's expert plane (cluster/expert_plane.py): stats, rebalancing, scaling
+        if self.executor is not None:
+            from cluster.expert_plane import ExpertPlane
+
+            self.plane = ExpertPlane(self.executor, options.elastic)
+            self.plane.stats_listeners.append(
+                lambda stats: self.metrics.observe_workers(stats, self.num_experts))
+            self.executor.plane_listeners.append(self.metrics.observe_plane_event)
+            self.metrics.observe_placement(self.executor.placement_version, self.executor.num_expert_workers)
         self._reporter: asyncio.Task | None = None
         self._num_admitting = 0  # inside `_admit` now: not yet in the engine's waiting queue
         self._in_flight: set[str] = set()  # request ids of the `generate` streams now open
@@ -127,15 +136,14 @@ class EngineDeployment:
             self._reporter = asyncio.get_running_loop().create_task(self._report_workers())
 
     async def _report_workers(self) -> None:
-        """Drain the workers' data-plane counters into metrics, every metrics_interval_s."""
+        """Every metrics_interval_s: the expert plane drains the workers' counters into metrics (and
+        rebalances or scales the group when its policies say so); then the engine's gauges."""
         while True:
             await asyncio.sleep(self.options.metrics_interval_s)
             try:
-                stats = await asyncio.gather(*[w.dispatch_stats.remote() for w in self.executor.workers])
-            except Exception as exc:  # a dead worker: the fault path reports it
-                log.warning("could not read worker stats: %s", type(exc).__name__)
-                continue
-            self.metrics.observe_workers(stats, self.num_experts)
+                await self.plane.tick()  # a worker that does not answer is skipped: the fault path reports it
+            except Exception:  # the plane must never stop the metrics
+                log.exception("expert plane tick failed")
             self.metrics.observe_engine(self.engine.stats(), step_ran=False)
 
     @staticmethod
