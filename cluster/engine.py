@@ -76,6 +76,7 @@ class Engine:
         self._by_request_id: dict[str, int] = {}
         self._seq_ids = itertools.count()
         self._wake = asyncio.Event()
+        self._wake_loop: asyncio.AbstractEventLoop | None = None
         self._loop_task: asyncio.Task | None = None
         self._steps = StepCounters()
         self.step_listeners: list[Callable[[EngineStats], None]] = []  # e.g. the metrics recorder
@@ -156,7 +157,10 @@ class Engine:
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            if self._wake_loop is not loop:  # an Event binds to the loop that first waits on it
+                self._wake, self._wake_loop = asyncio.Event(), loop
+            self._loop_task = loop.create_task(self._run())
 
     async def _run(self) -> None:
         while True:

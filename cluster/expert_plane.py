@@ -30,6 +30,8 @@ from workers.group.worker_stats import WorkerStats
 
 log = logging.getLogger(__name__)
 
+BUSY_WINDOW_S = 2.0
+
 
 class ExpertPlane:
     def __init__(self, group, config: ElasticConfig | None = None, *,
@@ -37,9 +39,10 @@ class ExpertPlane:
         self.group = group
         self.config = config or ElasticConfig()
         self.clock = clock
-        auto = self.config.autoscaling
-        window_s = max(self.config.rebalance.window_s, auto.upscale_delay_s, auto.downscale_delay_s, 1.0)
-        self.window = LoadWindow(window_s)
+        self.window = LoadWindow(self.config.rebalance.window_s)  # tokens per (layer, expert)
+        # Busy time is judged over a short recent span: the scaling delays already ask that it
+        # stays high (or low) for a while, and a long window would lag behind the load.
+        self.busy_window = LoadWindow(max(2 * self.config.autoscaling.interval_s, BUSY_WINDOW_S))
         self.initial_workers = group.num_expert_workers
         self.stats_listeners: list[Callable[[list[WorkerStats]], None]] = []
         self.scaling = ScalingState()
@@ -93,6 +96,7 @@ class ExpertPlane:
         if self._current_shape() != self._shape:  # load per worker index meant something else
             self._shape = self._current_shape()
             self.window.clear()
+            self.busy_window.clear()
             return stats
         first_expert = group.num_attention_workers
         tokens: dict[tuple[int, int], int] = {}
@@ -105,6 +109,7 @@ class ExpertPlane:
                 tokens[key] = tokens.get(key, 0) + n
         if wall > 0:
             self.window.add(now, tokens, busy, wall)
+            self.busy_window.add(now, {}, busy, wall)
         group.recent_load = self.window.load() or None
         return stats
 
@@ -114,7 +119,7 @@ class ExpertPlane:
         group = self.group
         if auto.enabled and now - self._last_decision["autoscaling"] >= auto.interval_s:
             self._last_decision["autoscaling"] = now
-            decision = decide_scale(auto, self.scaling, now, self.window.busy_fraction(),
+            decision = decide_scale(auto, self.scaling, now, self.busy_window.busy_fraction(),
                                     group.num_expert_workers, self.initial_workers)
             self.scaling = decision.state
             if decision.target != group.num_expert_workers:
@@ -135,6 +140,7 @@ class ExpertPlane:
     async def _after(self, change) -> PlaneEvent | None:
         event = await change
         self.window.clear()
+        self.busy_window.clear()
         self.scaling = ScalingState()
         self._shape = self._current_shape()
         return event
