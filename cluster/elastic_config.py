@@ -8,7 +8,8 @@ cluster/expert_scaling_policy.py) of those stats and these knobs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class RebalanceConfig:
     cooldown_s: float = 10.0  # after a rebalance, the window must refill with the new placement's load
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.window_s <= 0 or self.interval_s <= 0:
             raise ValueError("rebalance window_s and interval_s must be > 0")
         if self.threshold < 1:
@@ -53,6 +55,7 @@ class ExpertAutoscalingConfig:
     interval_s: float = 2.0
 
     def __post_init__(self) -> None:
+        _finite(self)
         if self.min_workers is not None and self.min_workers < 1:
             raise ValueError(f"expert autoscaling min_workers must be >= 1, got {self.min_workers}")
         if (self.min_workers is not None and self.max_workers is not None
@@ -83,3 +86,11 @@ class ExpertAutoscalingConfig:
 class ElasticConfig:
     rebalance: RebalanceConfig = field(default_factory=RebalanceConfig)
     autoscaling: ExpertAutoscalingConfig = field(default_factory=ExpertAutoscalingConfig)
+
+
+def _finite(config) -> None:
+    """NaN passes every `<` check; refuse it (and infinities) outright."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(config).__name__}.{f.name} must be finite, got {value}")

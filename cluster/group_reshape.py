@@ -143,7 +143,7 @@ async def finish_resize(group, resize: Resize) -> float:
     group.set_placement(resize.placement, resize.version, resize.spec)
     await group.form_group(placement_version=resize.version)
     pause = time.perf_counter() - t0
-    asyncio.ensure_future(_release_when_dead(group, leaving, leaving_slots))
+    _in_background(group, _release_when_dead(group, leaving, leaving_slots))
     log.info("model group re-formed with %d expert workers on placement %d in %.2fs",
              resize.placement.num_expert_workers, resize.version, pause)
     return pause
@@ -164,4 +164,11 @@ def _discard(group, workers, slots) -> None:
     for w in workers:
         ray.kill(w, no_restart=True)
     if workers or slots:
-        asyncio.ensure_future(_release_when_dead(group, list(workers), list(slots)))
+        _in_background(group, _release_when_dead(group, list(workers), list(slots)))
+
+
+def _in_background(group, coro) -> None:
+    """Tracked by the group: it cancels them at shutdown, tests can await them."""
+    task = asyncio.ensure_future(coro)
+    group.background.add(task)
+    task.add_done_callback(group.background.discard)

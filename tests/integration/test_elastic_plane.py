@@ -14,6 +14,7 @@ import random
 
 import pytest
 import ray
+from ray.util.placement_group import placement_group_table
 
 from cluster.actor_state import actor_id
 from cluster.distributed_engine import build_distributed_engine
@@ -79,7 +80,10 @@ async def _streams(engine, during=None, before=None, must_outlast: bool = True) 
         await (during(prepared) if before is not None else during())
         assert not must_outlast or not all(t.done() for t in tasks), "the streams ended before the change did"
     try:
-        return await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S)
+        got = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S)
+        while getattr(engine.executor, "background", None):  # e.g. a removed worker's bundle released
+            await asyncio.wait_for(asyncio.gather(*engine.executor.background), DEADLINE_S)
+        return got
     finally:
         await engine.shutdown()
 
@@ -132,10 +136,12 @@ def test_rebalance_scale_up_and_scale_down_under_load_keep_greedy_ids(ray_local,
         assert group.num_expert_workers == 3 and group.placement_version == 2
         assert_workers_hold_the_placement(group)
         kept = [actor_id(w) for w in group.workers[:3]]
+        (added,) = [slot for slot in group.slots if slot.owned]  # the new worker's own bundle
 
         assert asyncio.run(_streams(engine, *resize_to(2))) == reference
         assert group.num_expert_workers == 2 and group.placement_version == 3
         assert [actor_id(w) for w in group.workers] == kept  # the attention worker and two experts stay
+        assert placement_group_table(added.placement_group)["state"] == "REMOVED"  # its bundle went back
         assert_workers_hold_the_placement(group)
         assert len(pauses) == 2 and all(p > 0 for p in pauses)  # re-forming the group is the pause
         print(f"\nsteps paused {pauses[0] * 1e3:.0f} ms for the scale-up, {pauses[1] * 1e3:.0f} ms for the "
