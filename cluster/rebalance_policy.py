@@ -7,7 +7,10 @@ worker, so what a placement costs is the sum over layers of the busiest worker's
 
 A move is proposed only when it pays: enough tokens to go on, an imbalance past the
 threshold, and a new placement that cuts it by at least `min_gain` of itself. Moving
-experts costs weight transfers and a pause, so a small gain is not worth one.
+experts costs weight transfers and a pause, so a small gain is not worth one. Every new
+placement has its workers relabelled to keep the most copies where they are
+(cluster/placement_alignment.py): the packing fixes which experts share a worker, the
+alignment which process that worker is, so only the copies that must move are loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from cluster.elastic_config import RebalanceConfig
 from cluster.placement import LayerExpert, Placement, place_experts, replicate_hot_experts
+from cluster.placement_alignment import align_to
 
 ExpertCopy = tuple[int, int, int]  # (layer, expert, worker)
 
@@ -53,8 +57,8 @@ def propose_rebalance(current: Placement, load: Mapping[LayerExpert, float],
     before = imbalance(current, load)
     if before < cfg.threshold:
         return None
-    new = _balanced(current.num_layers, current.num_experts, current.num_expert_workers, full,
-                    cfg.extra_copies_per_layer)
+    new = align_to(current, _balanced(current.num_layers, current.num_experts, current.num_expert_workers,
+                                      full, cfg.extra_copies_per_layer))
     after = imbalance(new, load)
     if not after < before * (1 - cfg.min_gain):
         return None
@@ -67,14 +71,17 @@ def place_for_workers(current: Placement, num_workers: int, load: Mapping[LayerE
 
     With load (some tokens in it): balanced by it, one copy per expert plus
     `extra_copies_per_layer` replicas of the hottest (clamped to what fits). Without: the
-    contiguous default, one copy each.
+    contiguous default, one copy each. Aligned to `current` for a resize that keeps workers
+    0..min(W, W')-1 in order (a scale-down drops the last ones, a scale-up appends).
     """
     if extra_copies_per_layer < 0:
         raise ValueError(f"extra_copies_per_layer must be >= 0, got {extra_copies_per_layer}")
     full = None if load is None else _full_load(current, load)
     if full is None or sum(full.values()) == 0:
-        return place_experts(current.num_layers, current.num_experts, num_workers)
-    return _balanced(current.num_layers, current.num_experts, num_workers, full, extra_copies_per_layer)
+        new = place_experts(current.num_layers, current.num_experts, num_workers)
+    else:
+        new = _balanced(current.num_layers, current.num_experts, num_workers, full, extra_copies_per_layer)
+    return align_to(current, new)
 
 
 def moved_copies(old: Placement, new: Placement) -> tuple[ExpertCopy, ...]:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cluster.elastic_config import RebalanceConfig
 from cluster.placement import Placement, place_experts, replicate_hot_experts
+from cluster.placement_alignment import align_to
 from cluster.rebalance_policy import (
     Proposal,
     freed_copies,
@@ -77,9 +78,10 @@ def test_one_hot_expert_needs_a_replica():
     assert proposal is not None
     assert proposal.placement.workers_of(0, 0) == (0, 1)
     assert (proposal.imbalance_before, proposal.imbalance_after) == (2.0, 1.0)
-    # The packing does not look at the current placement: expert 1 changes worker too.
-    assert moved_copies(current, proposal.placement) == ((0, 0, 1), (0, 1, 0))
-    assert freed_copies(current, proposal.placement) == ((0, 1, 1),)
+    # Aligned to the current placement: only the new replica loads, expert 1 stays on worker 1
+    # (the packing alone put it on worker 0, a needless move).
+    assert moved_copies(current, proposal.placement) == ((0, 0, 1),)
+    assert freed_copies(current, proposal.placement) == ()
     # More extra copies than fit (2 experts × 1 spare worker) are clamped, not refused.
     many = propose_rebalance(current, load, RebalanceConfig(min_tokens=0, extra_copies_per_layer=9))
     assert many is not None and many.placement.workers_by_layer == (((0, 1), (0, 1)),)
@@ -96,12 +98,13 @@ def test_load_outside_the_placement_is_refused():
 
 def test_place_for_workers_grows_and_shrinks_the_pool():
     current = place_experts(2, 8, 4)
-    assert place_for_workers(current, 5, None) == place_experts(2, 8, 5)
-    assert place_for_workers(current, 3, {}) == place_experts(2, 8, 3)  # no tokens: the default
+    # The new placement's workers are relabelled to keep what the kept workers hold.
+    assert place_for_workers(current, 5, None) == align_to(current, place_experts(2, 8, 5))
+    assert place_for_workers(current, 3, {}) == align_to(current, place_experts(2, 8, 3))  # no tokens
     load = {(0, 0): 70.0, (0, 1): 60.0, (1, 7): 5.0}
     grown = place_for_workers(current, 5, load)
-    assert grown == place_experts(2, 8, 5, load={(layer, e): load.get((layer, e), 0.0)
-                                                 for layer in range(2) for e in range(8)})
+    assert grown == align_to(current, place_experts(2, 8, 5, load={(layer, e): load.get((layer, e), 0.0)
+                                                                   for layer in range(2) for e in range(8)}))
     assert_valid(grown, 2, 8, 5)
     assert all(len(grown.workers_of(layer, e)) == 1 for layer in range(2) for e in range(8))
     assert grown.workers_of(0, 0) != grown.workers_of(0, 1)
@@ -144,11 +147,12 @@ def test_a_proposal_is_made_exactly_when_it_pays(sizes, cfg, data):
     load = draw_load(data, num_layers, num_experts)
     proposal = propose_rebalance(current, load, cfg)
 
-    # The candidate, built straight from the recipe.
+    # The candidate, built straight from the recipe, its workers aligned to the current ones.
     full = {(layer, e): load.get((layer, e), 0.0) for layer in range(num_layers) for e in range(num_experts)}
     extra = min(cfg.extra_copies_per_layer, num_experts * (num_workers - 1))
     replicas = replicate_hot_experts(full, num_workers, extra) if extra else None
-    candidate = place_experts(num_layers, num_experts, num_workers, replicas=replicas, load=full)
+    candidate = align_to(current, place_experts(num_layers, num_experts, num_workers, replicas=replicas,
+                                                load=full))
     before, after = imbalance(current, load), imbalance(candidate, load)
     pays = (sum(load.values()) >= cfg.min_tokens and before >= cfg.threshold
             and after < before * (1 - cfg.min_gain))
