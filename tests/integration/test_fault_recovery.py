@@ -13,10 +13,8 @@ machine's and nodes are told apart by custom resources (see test_multinode_clust
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
-import random
 import signal
 import time
 
@@ -27,31 +25,22 @@ from ray.cluster_utils import Cluster
 from cluster.actor_state import actor_id
 from cluster.distributed_engine import build_distributed_engine
 from cluster.engine import Engine
-from cluster.engine_config import EngineConfig
 from cluster.fault_config import FaultConfig
 from cluster.local_engine import build_local_engine
-from cluster.recovery import Recovery
-from cluster.recovery_event import RecoveryEvent, Repair
+from cluster.recovery_event import RecoveryEvent
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.topology import TopologyConfig
-from cluster.worker_fault import WorkerFailed, WorkerFault
-from workers.model.sampling_params import SamplingParams
-
-NUM_REQUESTS = 50
-MAX_TOKENS = 24
-FAULT_AFTER_TOKENS = NUM_REQUESTS * 6  # every request is mid-stream by then
-RUN_DEADLINE_S = 240.0  # no run may hang: the whole batch of requests ends within this
-GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-# Requests that outlast any fault's way to the engine: with these, a test that needs every
-# request still running when the fault lands cannot pass or fail by timing (10 of them fill
-# 250 of ENGINE_CFG's 256 blocks: prompts are at most 40 tokens).
-LONG = SamplingParams(max_tokens=360, temperature=0.0, ignore_eos=True)
-ENGINE_CFG = EngineConfig(max_num_seqs=64, max_num_batched_tokens=512, block_size=16, num_kv_blocks=256)
-
-
-def prompts(vocab_size: int = 2048, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(3, 40))] for _ in range(NUM_REQUESTS)]
+from tests.fault_run import (
+    ENGINE_CFG,
+    LONG,
+    MAX_TOKENS,
+    NUM_REQUESTS,
+    RUN_DEADLINE_S,
+    grown_back,
+    prompts,
+    run,
+    run_requests,
+)
 
 
 @pytest.fixture(scope="module")
@@ -78,24 +67,7 @@ def cluster():
 def reference(demo_model_dir) -> list[list[int]]:
     """The fault-free greedy tokens of every request (single-process engine)."""
     engine = build_local_engine(demo_model_dir, ENGINE_CFG)
-    return run(engine, _run(engine, prompts()))["tokens"]
-
-
-def run(engine: Engine, *steps):
-    """Await `steps` in order on one event loop (the engine's loop task lives on it); their results."""
-    async def main():
-        try:
-            return [await step for step in steps]
-        finally:
-            await engine.shutdown()
-    results = asyncio.run(main())
-    return results[0] if len(steps) == 1 else results
-
-
-async def grown_back(group) -> None:
-    """Until the expert worker a repair dropped has been replaced (cluster/plane_actions.py)."""
-    while group.background:
-        await asyncio.gather(*group.background)
+    return run(engine, run_requests(engine, prompts()))["tokens"]
 
 
 def build(model_dir, topology: TopologyConfig | None = None, **faults) -> tuple[Engine, object]:
@@ -103,48 +75,6 @@ def build(model_dir, topology: TopologyConfig | None = None, **faults) -> tuple[
                                           num_cpus_per_worker=0.1)
     cfg = dataclasses.replace(ENGINE_CFG, num_attention_workers=topology.num_attention_workers)
     return build_distributed_engine(model_dir, cfg, topology, faults=FaultConfig(**faults))
-
-
-async def _collect(engine: Engine, i: int, prompt: list[int], params: SamplingParams = GREEDY) -> dict:
-    tokens, last = [], None
-    async for out in engine.generate(f"r{i}", prompt, params):
-        tokens += out.token_ids
-        last = out
-    return {"tokens": tokens, "finish_reason": last.finish_reason, "error": last.error}
-
-
-async def _run(engine: Engine, requests: list[list[int]], fault=None, fault_after: int = FAULT_AFTER_TOKENS,
-               params: SamplingParams = GREEDY) -> dict:
-    """Run every request concurrently; call `fault()` once they generated `fault_after` tokens."""
-    fault_after += engine.stats().num_generated_tokens
-    events: list[RecoveryEvent] = []
-    engine.recovery.listeners.append(events.append)
-    tasks = [asyncio.ensure_future(_collect(engine, i, p, params)) for i, p in enumerate(requests)]
-    injected_at = None
-    if fault is not None:
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        while engine.stats().num_generated_tokens < fault_after:
-            assert time.monotonic() < deadline, "the engine never got far enough to inject the fault"
-            assert not all(t.done() for t in tasks), "every request finished before the fault"
-            await asyncio.sleep(0.01)
-        injected_at = engine.stats().num_generated_tokens
-        fault()
-        resumed = asyncio.ensure_future(_until_generated(engine, injected_at + len(requests), tasks))
-    results = await asyncio.wait_for(asyncio.gather(*tasks), RUN_DEADLINE_S)
-    engine.recovery.listeners.remove(events.append)
-    return {"tokens": [r["tokens"] for r in results], "results": results, "events": events,
-            "injected_at": injected_at, "resumed_after_s": await resumed if fault is not None else None}
-
-
-async def _until_generated(engine: Engine, num_tokens: int, tasks: list[asyncio.Future]) -> float | None:
-    """Seconds until the engine generated `num_tokens` in all (reported, never asserted: a
-    recovery's whole pause, re-prefill included); None when the requests ended first."""
-    t0 = time.monotonic()
-    while engine.stats().num_generated_tokens < num_tokens:
-        if all(t.done() for t in tasks):
-            return None
-        await asyncio.sleep(0.01)
-    return time.monotonic() - t0
 
 
 def pid_of(group, rank: int) -> int:
@@ -169,50 +99,6 @@ def assert_recovered(got: dict, reference: list[list[int]], rank: int, kind: str
     return first
 
 
-class FlakyExecutor:
-    """The single-process executor, failing the given steps as a worker fault would (no Ray):
-    pins down the engine's side of recovery quickly; the tests after it use real faults."""
-
-    num_attention_workers = 1
-
-    def __init__(self, inner, fail_steps: set[int]) -> None:
-        self.inner, self.fail_steps = inner, fail_steps
-        self.num_steps = self.num_recoveries = 0
-
-    async def execute(self, batches):
-        self.num_steps += 1
-        if self.num_steps in self.fail_steps:
-            raise WorkerFailed(WorkerFault("died", 1, "expert", "injected", actor_id="a1", node_id="n1"))
-        return await self.inner.execute(batches)
-
-    async def recover(self, fault, timeout_s):
-        self.num_recoveries += 1
-        return Repair("group", ("attention", "expert"), (0,))
-
-
-def test_engine_requeues_and_reruns_after_a_fault(demo_model_dir, reference):
-    engine = build_local_engine(demo_model_dir, ENGINE_CFG)
-    engine.executor = flaky = FlakyExecutor(engine.executor, fail_steps={3, 9})
-    got = run(engine, _run(engine, prompts()))
-    assert got["tokens"] == reference
-    assert [(e.outcome, e.fault.rank, e.restarted_kinds) for e in got["events"]] == \
-        [("recovered", 1, ("attention", "expert"))] * 2
-    assert flaky.num_recoveries == 2 and engine.stats().num_recoveries == 2 and engine.healthy
-
-
-def test_engine_gives_up_past_the_policy_and_refuses_new_requests(demo_model_dir):
-    engine = build_local_engine(demo_model_dir, ENGINE_CFG)
-    engine.recovery = Recovery(RecoveryPolicy(max_recoveries=1, window_s=600))
-    engine.executor = FlakyExecutor(engine.executor, fail_steps={3, 9})
-    got, late = run(engine, _run(engine, prompts()), _run(engine, prompts()[:2]))
-    assert [e.outcome for e in got["events"]] == ["recovered", "refused"]
-    for r in got["results"] + late["results"]:
-        assert r["finish_reason"] == "error"
-        assert r["error"] == engine.unhealthy_reason
-    assert "engine unavailable: expert worker rank 1" in engine.unhealthy_reason
-    assert not engine.healthy and not engine.stats().healthy
-
-
 def actor_ids(group) -> list[str]:
     return [actor_id(w) for w in group.workers]
 
@@ -227,8 +113,9 @@ def test_sigkill_expert_worker_mid_stream_repairs_only_that_worker(cluster, demo
     try:
         victim, before = pid_of(group, 2), actor_ids(group)
         # The second run shows the group keeps serving after the repair.
-        got, _, again = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)),
-                            grown_back(group), _run(engine, prompts()[:5]))
+        kill = lambda: os.kill(victim, signal.SIGKILL)  # noqa: E731
+        got, _, again = run(engine, run_requests(engine, prompts(), fault=kill), grown_back(group),
+                            run_requests(engine, prompts()[:5]))
         event = assert_recovered(got, reference, rank=2, kind="expert", cause="died", repair="expert_worker")
         assert len(got["events"]) == 1
         assert (event.restarted_kinds, event.num_requeued) == ((), 0)
@@ -259,7 +146,7 @@ def test_a_failed_repair_falls_back_to_the_group_restart(cluster, demo_model_dir
     group.form_group = fails_once
     try:
         victim, before = pid_of(group, 2), actor_ids(group)
-        got, _ = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)),
+        got, _ = run(engine, run_requests(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)),
                      grown_back(group))
         assert_recovered(got, reference, rank=2, kind="expert", cause="died", world_size=2)
         assert calls[0] == 1  # the repair's re-forming on the survivors' placement failed
@@ -275,7 +162,7 @@ def test_sigkill_attention_worker_mid_stream(cluster, demo_model_dir, reference)
     engine, group = build(demo_model_dir)
     try:
         victim, before = pid_of(group, 0), actor_ids(group)
-        got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
+        got = run(engine, run_requests(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
         event = assert_recovered(got, reference, rank=0, kind="attention", cause="died",
                                  repair="attention_worker")
         assert (event.restarted_kinds, event.num_requeued) == (("attention",), NUM_REQUESTS)
@@ -295,7 +182,7 @@ def test_sigkill_one_of_two_attention_workers(cluster, demo_model_dir, reference
     engine, group = build(demo_model_dir, topology)
     try:
         victim, before = pid_of(group, 1), actor_ids(group)
-        got = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
+        got = run(engine, run_requests(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGKILL)))
         event = assert_recovered(got, reference, rank=1, kind="attention", cause="died", world_size=5,
                                  repair="attention_worker")
         assert 0 < event.num_requeued < NUM_REQUESTS  # rank 1's running sequences, not rank 0's
@@ -313,7 +200,7 @@ def test_stalled_collective_is_caught_by_the_watchdog(cluster, demo_model_dir, r
     victim = pid_of(group, 1)
     try:
         t0 = time.monotonic()
-        got, _ = run(engine, _run(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGSTOP)),
+        got, _ = run(engine, run_requests(engine, prompts(), fault=lambda: os.kill(victim, signal.SIGSTOP)),
                      grown_back(group))
         event = assert_recovered(got, reference, rank=1, kind="expert", cause="stalled",
                                  repair="expert_worker")
@@ -336,9 +223,9 @@ def test_too_many_failures_end_every_request_with_an_error(cluster, demo_model_d
 
         first, second, late = run(
             engine,
-            _run(engine, prompts()[:10], fault=kill(1), fault_after=10 * 4),
-            _run(engine, prompts()[:10], fault=kill(1), fault_after=10 * 4),
-            _run(engine, prompts()[:2]),
+            run_requests(engine, prompts()[:10], fault=kill(1), fault_after=10 * 4),
+            run_requests(engine, prompts()[:10], fault=kill(1), fault_after=10 * 4),
+            run_requests(engine, prompts()[:2]),
         )
         assert [e.outcome for e in first["events"]] == ["recovered"]
         assert all(r["finish_reason"] == "length" for r in first["results"])
@@ -381,14 +268,15 @@ def test_node_loss_recovers_onto_a_spare_node_then_fails_explicitly_without_one(
     async def both_phases():
         before = node_of()
         assert before[0] == "attention" and {before[1], before[2]} < {"expert_a", "expert_b", "expert_spare"}
-        recovered = await _run(engine, prompts(), fault=remove_node_of(1))
+        recovered = await run_requests(engine, prompts(), fault=remove_node_of(1))
         await grown_back(group)
         after = node_of()
         # No attention node left after this one: that loss cannot be recovered.
         t0 = time.monotonic()
         # Long requests: the node loss takes a moment to reach the engine, and every request must
         # still be running when it does (short ones could finish with "length" first).
-        failed = await _run(engine, prompts()[:10], fault=remove_node_of(0), fault_after=10 * 4, params=LONG)
+        failed = await run_requests(engine, prompts()[:10], fault=remove_node_of(0), fault_after=10 * 4,
+                                    params=LONG)
         return before, recovered, after, failed, time.monotonic() - t0
 
     try:
