@@ -67,7 +67,10 @@ from workers.model.step_output import StepOutput
 log = logging.getLogger(__name__)
 
 FAILURE_GRACE_S = 2.0  # after the first error, how long the others get to report theirs
-CONTROLS = ("channel", "ray")  # how a step reaches the workers; see the module's docstring
+CONTROLS = ("channel", "ray")
+# Rank 0 hosts the rendezvous store: the others join a moment later, so that their first connect
+# finds it listening (a refused connect backs off for about half a second; measured here).
+STORE_HEAD_START_S = 0.05  # how a step reaches the workers; see the module's docstring
 
 
 class RayExecutor:
@@ -319,8 +322,10 @@ class RayExecutor:
         self.backend = self._choose_backend(list(devices))
         addr, port = await awaited(workers[0].rendezvous_address.remote())
         self.rendezvous = (addr, port)
-        await asyncio.gather(*[awaited(w.join.remote(addr, port, self.backend, placement_version))
-                               for w in workers])
+        joins = [w.join.remote(addr, port, self.backend, placement_version) for w in workers[:1]]
+        await asyncio.sleep(STORE_HEAD_START_S)
+        joins += [w.join.remote(addr, port, self.backend, placement_version) for w in workers[1:]]
+        await asyncio.gather(*[awaited(ref) for ref in joins])
         where = await asyncio.gather(*[awaited(w.where.remote()) for w in workers])
         self._nodes = {info["rank"]: info.get("node_id") for info in where}
         if self.control == "channel":
