@@ -114,7 +114,10 @@ class RayExecutor:
         self.backend = self._choose_backend(devices)
         addr, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=ready_timeout_s)
         self.rendezvous = (addr, port)
-        ray.get([w.join.remote(addr, port, self.backend) for w in self.workers], timeout=ready_timeout_s)
+        joins = [self.workers[0].join.remote(addr, port, self.backend)]
+        time.sleep(STORE_HEAD_START_S)  # see form_group
+        joins += [w.join.remote(addr, port, self.backend) for w in self.workers[1:]]
+        ray.get(joins, timeout=ready_timeout_s)
         self._nodes = {info["rank"]: info.get("node_id") for info in self.where()}
         if control == "channel":
             self._open_loops_or_fall_back()
