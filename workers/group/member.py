@@ -21,6 +21,7 @@ from workers.comm.transport import (
 )
 from workers.device.memory import ensure_weights_fit
 from workers.device.selection import resolve_dtype, select_device
+from workers.group.low_priority import run_at_low_priority
 from workers.group.placement_update import PlacementUpdate
 from workers.group.spec import GroupSpec
 from workers.group.step_link import StepLink
@@ -82,7 +83,7 @@ class GroupMember:
         if update.expert_map.num_layers != self.config.num_hidden_layers:
             raise ValueError(f"placement {update.version} maps {update.expert_map.num_layers} layers, "
                              f"the model has {self.config.num_hidden_layers}")
-        self.stage_placement(update)
+        run_at_low_priority(lambda: self.stage_placement(update))  # the steps go first
         with self._placement_lock:
             self._pending = update
 
