@@ -46,8 +46,8 @@ def decode_steps(num_seqs: int, num_steps: int, churn: bool, seed: int = 0):
         if churn and t % 2:
             seqs.pop(rng.randrange(len(seqs)))
             seqs.append(new_seq())
-        steps.append(([s[0] for s in seqs],
-                      [SeqExtent(ctx - 1, 1, tuple(table[:-(-ctx // BLOCK_SIZE)])) for _, ctx, table in seqs]))
+        extents = [SeqExtent(ctx - 1, 1, tuple(table[:-(-ctx // BLOCK_SIZE)])) for _, ctx, table in seqs]
+        steps.append(([s[0] for s in seqs], extents))
         for s in seqs:
             s[1] += 1
     return steps

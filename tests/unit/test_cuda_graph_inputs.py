@@ -26,7 +26,8 @@ def test_padded_rows_point_at_the_scratch_block_and_attend_nothing():
     assert step.context_lens_B.dtype == torch.int32 and step.block_tables_Bw.dtype == torch.int32
     # As wide as the longest context needs (13 keys: 4 blocks); past each context, the scratch block
     # (the second table's third block is not yet in its context of 6 keys).
-    assert step.block_tables_Bw.tolist() == [[7, 30, 30, 30], [3, 11, 30, 30], [9, 1, 20, 5], [30, 30, 30, 30]]
+    assert step.block_tables_Bw.tolist() == [[7, 30, 30, 30], [3, 11, 30, 30], [9, 1, 20, 5],
+                                             [30, 30, 30, 30]]
 
 
 def test_a_full_bucket_has_no_padding():

@@ -14,6 +14,7 @@ padded batch whose width, fixed at capture, would be the longest context the mod
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from workers.model.cuda_graph_runner import (
 )
 from workers.model.kv_cache import KVCache
 from workers.model.mixtral import MixtralModel
+from workers.model.static_capture import CudaGraphCapture
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,7 @@ def capture_decode_graphs(model: MixtralModel, kv_cache: KVCache, *, scratch_blo
         raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {device}")
     buckets = decode_buckets(max_num_seqs, sizes)
     inputs = DecodeGraphInputs(graph_shape(model, kv_cache, buckets[-1], scratch_block), device)
-    pool = torch.cuda.graph_pool_handle()
-    stream = torch.cuda.Stream(device)
+    capture = CudaGraphCapture(device)  # one memory pool for every bucket
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     base_bytes = torch.cuda.memory_reserved(device)
@@ -78,7 +79,7 @@ def capture_decode_graphs(model: MixtralModel, kv_cache: KVCache, *, scratch_blo
                         order[i:], reason, min(steps))
             break
         try:
-            steps[bucket] = _capture_bucket(model, kv_cache, inputs, bucket, pool, stream)
+            steps[bucket] = _capture_bucket(model, kv_cache, inputs, bucket, capture)
         except RuntimeError as e:
             raise RuntimeError(f"capturing the decode step at batch size {bucket} failed: {e} "
                                "(--enforce-eager runs without CUDA graphs)") from e
@@ -90,12 +91,5 @@ def capture_decode_graphs(model: MixtralModel, kv_cache: KVCache, *, scratch_blo
 
 
 def _capture_bucket(model: MixtralModel, kv_cache: KVCache, inputs: DecodeGraphInputs, bucket: int,
-                    pool, stream: torch.cuda.Stream) -> GraphReplay:
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
-    with torch.cuda.stream(stream):
-        forward_logits(model, kv_cache, inputs, bucket)  # warm-up, outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=stream):  # synchronizes the device first
-        logits_BV = forward_logits(model, kv_cache, inputs, bucket)
-    torch.cuda.current_stream(stream.device).wait_stream(stream)
-    return GraphReplay(graph, logits_BV)
+                    capture: CudaGraphCapture) -> GraphReplay:
+    return capture(functools.partial(forward_logits, model, kv_cache, inputs, bucket))

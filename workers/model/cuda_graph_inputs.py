@@ -82,12 +82,15 @@ def pad_decode_tables(token_ids: Sequence[int], tables: StepTables, bucket: int,
     """As `pad_decode_step`, from the step's block tables already on the host (the model runner
     keeps them across steps: incremental_tables.py). Tensor ops only, no loop over rows."""
     S, P = tables.num_seqs, shape.block_size
-    if len(token_ids) != S or not 0 < S <= bucket <= shape.max_batch:
+    if len(token_ids) != S or not S <= bucket <= shape.max_batch or bucket < 1:
         raise ValueError(f"{len(token_ids)} ids and {S} sequences do not fit a bucket of {bucket} "
                          f"(at most {shape.max_batch})")
     positions_S = tables.start_pos_M
     context_lens_S = positions_S + tables.query_lens_M
-    if not bool((tables.query_lens_M == 1).all()) or int(context_lens_S.max()) > shape.max_context_len:
+    # S = 0 is a step of padding only: a group's worker with no sequence still replays (its
+    # collectives meet the others').
+    too_long = S and int(context_lens_S.max()) > shape.max_context_len
+    if too_long or not bool((tables.query_lens_M == 1).all()):
         raise ValueError(f"not a step of decode rows of at most {shape.max_context_len} keys: "
                          f"query lengths {tables.query_lens_M.tolist()}, contexts {context_lens_S.tolist()}")
     width = tables.tables_MB.shape[1]  # the widest context's blocks

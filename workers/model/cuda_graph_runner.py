@@ -41,11 +41,11 @@ class StaticStep(Protocol):
 @dataclass(frozen=True)
 class GraphReplay:
     graph: torch.cuda.CUDAGraph
-    logits_BV: torch.Tensor  # the graph's output: rewritten by every replay
+    output: object  # what the captured step returned: its tensors are rewritten by every replay
 
-    def __call__(self) -> torch.Tensor:
+    def __call__(self):
         self.graph.replay()
-        return self.logits_BV
+        return self.output
 
 
 @dataclass(frozen=True)

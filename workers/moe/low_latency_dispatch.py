@@ -18,6 +18,10 @@ statically: dispatch is one all-to-all of segments, combine one of padded rows b
 count ever visits the host. Nothing is dropped (the capacity is a worst case), so the results
 equal the exact path's.
 
+A decode step padded to a CUDA graph's batch size has padding rows the receivers must not see
+(they would be computed for nothing and counted as load): `sent_A` marks the assignments to
+send, and the others go to a last, "nowhere" segment that is never sent, counted or read back.
+
 A receiver's rows arrive source-major, each source's rows grouped by local slot then padding;
 a sort by slot (padding last) makes each local expert's rows contiguous for the experts stage,
 which reads the in-band counts as a device tensor. combine scatters the outputs back into the
@@ -55,6 +59,7 @@ class LowLatencyPlan:
     expert_counts_E: torch.Tensor
     recv_order_M: torch.Tensor | None
     num_dropped: int = 0  # always 0: the capacity is a worst case
+    sent_N: torch.Tensor | None = None  # bool, which sent rows went anywhere; None: all of them
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class _LayerRoles:
     sources: tuple[int, ...]
     destinations: tuple[int, ...]
     max_local_experts: int  # C
-    dest_index_W: torch.Tensor  # int64 [W]: a rank's index among the destinations (-1: not one)
+    # int64 [W + 1]: a rank's index among the destinations (-1: not one); the last entry, for
+    # rank·C + slot = W·C ("nowhere"), is X: the segment of rows not sent.
+    dest_index_W: torch.Tensor
+    destinations_X: torch.Tensor  # int64 [X], on the device (indexing by a list would copy one there)
 
 
 class LowLatencyAllToAll:
@@ -80,20 +88,23 @@ class LowLatencyAllToAll:
         emap = self.expert_map
         destinations = tuple(r for r in range(emap.world_size) if emap.local_experts(layer, r))
         sources = emap.attention_ranks or tuple(range(emap.world_size))
-        index = [-1] * emap.world_size
+        index = [-1] * emap.world_size + [len(destinations)]
         for i, r in enumerate(destinations):
             index[r] = i
+        device = self.transport.device
         return _LayerRoles(sources, destinations, emap.max_local_experts(layer),
-                           torch.tensor(index, dtype=torch.int64, device=self.transport.device))
+                           torch.tensor(index, dtype=torch.int64, device=device),
+                           torch.tensor(destinations, dtype=torch.int64, device=device))
 
     @staticmethod
     def capacity(max_tokens: int, top_k: int, max_local_experts: int) -> int:
         return max_tokens * min(top_k, max_local_experts)
 
     def dispatch(self, layer: int, x_TH: torch.Tensor, dest_A: torch.Tensor, token_A: torch.Tensor,
-                 weight_A: torch.Tensor, max_tokens: int,
-                 top_k: int) -> tuple[torch.Tensor, LowLatencyPlan, Transfer]:
-        """`dest_A` (rank·C + slot of each assignment) as the exact path computes it."""
+                 weight_A: torch.Tensor, max_tokens: int, top_k: int,
+                 sent_A: torch.Tensor | None = None) -> tuple[torch.Tensor, LowLatencyPlan, Transfer]:
+        """`dest_A` (rank·C + slot of each assignment) as the exact path computes it. `sent_A`
+        (bool): the assignments to send; None sends all (padding rows are the others)."""
         roles, world = self._roles[layer], self.expert_map.world_size
         c, hidden = roles.max_local_experts, x_TH.shape[1]
         num_tokens = x_TH.shape[0]
@@ -107,6 +118,9 @@ class LowLatencyAllToAll:
         row_bytes = hidden * x_TH.element_size()
         seg_bytes = _COUNT_BYTES * c + cap * row_bytes
 
+        nowhere = world * c
+        if sent_A is not None:  # sorted last, into the segment past the destinations
+            dest_A = torch.where(sent_A, dest_A, nowhere)
         order_N = torch.argsort(dest_A, stable=True)
         dest_N, token_idx_N, weights_N = dest_A[order_N], token_A[order_N], weight_A[order_N]
         dx_N = roles.dest_index_W[dest_N // c]  # destination index of each row
@@ -115,12 +129,16 @@ class LowLatencyAllToAll:
         pos_N = torch.arange(dest_N.numel(), device=dest_N.device) - torch.searchsorted(dx_N, dx_N)
 
         num_dest = len(roles.destinations)
+        sent_N = None if sent_A is None else dest_N != nowhere
         if is_source:
-            counts_XC = count_per_expert(dest_N, world * c).view(world, c)[list(roles.destinations)]
-            rows_XPH = x_TH.new_zeros(num_dest, cap, hidden)
-            rows_XPH[dx_N, pos_N] = x_TH[token_idx_N]
-            send = torch.cat([counts_XC.contiguous().view(torch.uint8),
-                              rows_XPH.view(torch.uint8).reshape(num_dest, cap * row_bytes)], dim=1)
+            counts_XC = count_per_expert(dest_N, nowhere + 1)[:nowhere].view(world, c).index_select(
+                0, roles.destinations_X)
+            # One segment more than sent: where rows sent nowhere land (clamped: there may be
+            # more of them than a segment holds; they overwrite each other, unread).
+            rows_XPH = x_TH.new_zeros(num_dest + 1, cap, hidden)
+            rows_XPH[dx_N, pos_N.clamp(max=cap - 1)] = x_TH[token_idx_N]
+            rows_bytes = rows_XPH[:num_dest].view(torch.uint8).reshape(num_dest, cap * row_bytes)
+            send = torch.cat([counts_XC.contiguous().view(torch.uint8), rows_bytes], dim=1)
         else:
             send = x_TH.new_empty(0, seg_bytes, dtype=torch.uint8)
         send_splits = [int(is_source and r in roles.destinations) for r in range(world)]
@@ -143,10 +161,13 @@ class LowLatencyAllToAll:
             x_MH = x_TH.new_empty(0, hidden)
             recv_order_M = None
             expert_counts_E = torch.zeros(num_local, dtype=torch.int64, device=x_TH.device)
+        return_index_N = dx_N * cap + pos_N
+        if sent_N is not None:  # rows sent nowhere read row 0 back, and combine zeroes them
+            return_index_N = torch.where(sent_N, return_index_N, 0)
         plan = LowLatencyPlan(
             num_tokens=num_tokens, token_idx_N=token_idx_N, weights_N=weights_N,
-            return_index_N=dx_N * cap + pos_N, capacity=cap, expert_counts_E=expert_counts_E,
-            recv_order_M=recv_order_M)
+            return_index_N=return_index_N, capacity=cap, expert_counts_E=expert_counts_E,
+            recv_order_M=recv_order_M, sent_N=sent_N)
         return x_MH, plan, moved
 
     def combine(self, layer: int, y_MH: torch.Tensor, plan: LowLatencyPlan) -> tuple[torch.Tensor, Transfer]:
@@ -165,4 +186,6 @@ class LowLatencyAllToAll:
         recv = self.transport.all_to_all_with_counts(send, send_splits, recv_splits)
         moved = self.transport.last_transfer
         y_NH = recv.view(-1, hidden)[plan.return_index_N]
+        if plan.sent_N is not None:  # `where`, not a product: the row read back may be any value
+            y_NH = torch.where(plan.sent_N[:, None], y_NH, y_NH.new_zeros(()))
         return weighted_sum(y_NH, plan, y_MH.dtype), moved
