@@ -40,3 +40,26 @@ async def capture_on_every_worker(workers: Sequence, plan: DecodeGraphPlan) -> t
         raise RuntimeError(f"the group's workers captured different decode graphs: {captured}")
     log.info("model group: decode CUDA graphs for batch sizes %s on %d workers", captured[0], len(workers))
     return tuple(captured[0])
+
+
+class GroupGraphs:
+    """When a Ray executor's workers capture: once the engine's final config is known
+    (`configure`), after every forming of the group, and after the step that switched to a new
+    placement (`stale`: its workers dropped their graphs when they switched)."""
+
+    def __init__(self) -> None:
+        self.engine_cfg: EngineConfig | None = None
+        self.stale = False
+        self.buckets: tuple[int, ...] = ()
+
+    def configure(self, engine_cfg: EngineConfig) -> None:
+        self.engine_cfg = engine_cfg
+        self.stale = True
+
+    async def capture(self, workers: Sequence, backend: str) -> tuple[int, ...]:
+        """With no step in flight: every worker captures (or, where the plan says eager, nothing)."""
+        self.stale = False
+        if self.engine_cfg is None:
+            return ()
+        self.buckets = await capture_on_every_worker(workers, group_graph_plan(self.engine_cfg, backend))
+        return self.buckets

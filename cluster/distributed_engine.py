@@ -60,6 +60,7 @@ def build_distributed_engine(model_dir: str | Path, engine_cfg: EngineConfig, to
     if expert_parallel is not None and expert_parallel.capacity_factor is not None:
         # Low-latency buffers are dropless by construction; a capacity factor needs the exact path.
         engine_cfg = dataclasses.replace(engine_cfg, low_latency_max_tokens=0)
+    executor.graphs.configure(engine_cfg)  # the workers capture once the first step is done
     engine = Engine(executor, engine_cfg, max_model_len=model_config.max_position_embeddings,
                     eos_token_ids=eos, tokenizer=tokenizer, recovery_policy=faults.recovery,
                     memory=memory)

@@ -27,8 +27,9 @@ class EngineConfig:
     # fixed-capacity buffers (no counts round trip); larger steps and prefill go exact.
     # 0: always exact. Measured by tests/bench/bench_distributed.py (cluster/dispatch_mode.py).
     low_latency_max_tokens: int = DEFAULT_LOW_LATENCY_MAX_TOKENS
-    # The single-process engine on CUDA replays decode steps from CUDA graphs captured at start-up
-    # (workers/model/cuda_graph_runner.py); True runs every step eagerly (vLLM's --enforce-eager).
+    # On CUDA, decode steps replay CUDA graphs: the single-process engine's, captured at start-up
+    # (workers/model/cuda_graph_runner.py), and a group's on NCCL, captured by every worker after
+    # each forming (cluster/decode_graphs.py); True runs every step eagerly (vLLM's --enforce-eager).
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:

@@ -40,6 +40,7 @@ from ray.exceptions import RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.actor_state import actor_id
+from cluster.decode_graphs import GroupGraphs
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S
 from cluster.fault_diagnosis import Roster, diagnose, one_line
 from cluster.group_restart import restart_group
@@ -108,6 +109,7 @@ class RayExecutor:
         self.background: set[asyncio.Task] = set()  # e.g. growing back after a repair
         self.closed = False
         self.repair_alone = True  # False: every fault restarts the whole group (benchmarks compare both)
+        self.graphs = GroupGraphs()  # decode CUDA graphs in the workers (cluster/decode_graphs.py)
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         self._start_all()
         devices = ray.get([w.rank_device.remote() for w in self.workers], timeout=ready_timeout_s)
@@ -181,6 +183,7 @@ class RayExecutor:
     def set_placement(self, placement: Placement, version: int, spec: GroupSpec) -> None:
         """From the next step on, the group runs on `placement` (every worker prepared it)."""
         self.placement, self.placement_version = placement, version
+        self.graphs.stale = True  # the workers drop their graphs when they switch
         self.spec = dataclasses.replace(spec, expert_map=placement.to_expert_map(self.num_attention_workers),
                                         placement_version=version)
         self.topology = dataclasses.replace(self.topology, num_expert_workers=placement.num_expert_workers)
@@ -214,9 +217,11 @@ class RayExecutor:
 
     async def execute(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         async with self.step_lock():
-            if self.control == "channel":
-                return await self.execute_over_channel(batches)
-            return await self.execute_over_ray(batches)
+            run = self.execute_over_channel if self.control == "channel" else self.execute_over_ray
+            outputs = await run(batches)
+            if self.graphs.stale:  # this step switched placements (or the engine's config just came)
+                await self.graphs.capture(self.workers, self.backend)
+            return outputs
 
     async def execute_over_channel(self, batches: tuple[ScheduledBatch, ...]) -> tuple[StepOutput, ...]:
         """One step through the workers' step loops: no Ray call."""
@@ -331,6 +336,7 @@ class RayExecutor:
         await asyncio.gather(*[awaited(ref) for ref in joins])
         where = await asyncio.gather(*[awaited(w.where.remote()) for w in workers])
         self._nodes = {info["rank"]: info.get("node_id") for info in where}
+        await self.graphs.capture(workers, self.backend)  # a graph holds the process group it was made in
         if self.control == "channel":
             nodes = {info["rank"]: info.get("node_id") for info in where}
             self.loops = await open_step_loops_async(workers, [nodes[r] for r in range(len(workers))],

@@ -15,10 +15,12 @@ import time
 
 import torch
 
+from workers.group.graph_plan import DecodeGraphPlan
 from workers.group.member import GroupMember
 from workers.group.placement_update import PlacementUpdate
 from workers.group.spec import GroupSpec
 from workers.group.step_message import StepMessage
+from workers.group.worker_graphs import ExpertGraphs, capture_expert_graphs
 from workers.model.model_weights import experts_by_layer
 from workers.moe.a2a_dispatcher import AllToAllDispatcher
 from workers.moe.block import experts_stage
@@ -45,27 +47,38 @@ class ExpertWorker(GroupMember):
             self.checkpoint.load_expert_weights(pairs, self.dtype, progress=False, device=self.device))
         emap.check_holds(rank, {layer: ex.expert_ids for layer, ex in self.experts.items()})
         self.dispatcher: AllToAllDispatcher | None = None
-        self._staged: dict[LayerExpert, ExpertTensors] = {}  # loaded for the pending placement
+        self.decode_graphs: ExpertGraphs | None = None
+        # The pending placement's layers, stacked ahead of the switch (by version).
+        self._staged: tuple[int, dict[int, LayerExperts]] | None = None
 
     def stage_placement(self, update: PlacementUpdate) -> None:
-        new = [p for p in _pairs_of(update.expert_map, update.rank) if p not in self.pairs]
-        # Held and new copies coexist until the switch: that peak is what must fit.
-        self.ensure_weights_fit(self.checkpoint.expert_weight_bytes(new, self.dtype))
-        self._staged = self.checkpoint.load_expert_weights(new, self.dtype, progress=False,
-                                                           device=self.device)
+        """Load the copies it lacks and stack every layer that changes, all off the step: the
+        switch itself only swaps references. A layer holding the same experts keeps its stacks."""
+        pairs = _pairs_of(update.expert_map, update.rank)
+        wanted: dict[int, tuple[int, ...]] = {}
+        for layer, e in pairs:
+            wanted[layer] = (*wanted.get(layer, ()), e)
+        held = self.experts  # the step thread may swap it, never mutates it
+        changed = [layer for layer, ids in wanted.items()
+                   if layer not in held or held[layer].expert_ids != ids]
+        new = [(layer, e) for layer in changed for e in wanted[layer] if (layer, e) not in self.pairs]
+        # Old and new stacks coexist until the switch: that peak is what must fit.
+        self.ensure_weights_fit(self.checkpoint.expert_weight_bytes(
+            [(layer, e) for layer in changed for e in wanted[layer]], self.dtype))
+        loaded = self.checkpoint.load_expert_weights(new, self.dtype, progress=False, device=self.device)
+        layers = {layer: held[layer] for layer in wanted if layer not in changed}
+        layers.update(experts_by_layer({
+            (layer, e): loaded.get((layer, e)) or _expert_tensors(held[layer], e)
+            for layer in changed for e in wanted[layer]}))
+        update.expert_map.check_holds(update.rank, {layer: ex.expert_ids for layer, ex in layers.items()})
+        self._staged = (update.version, layers)
 
     def adopt_placement(self, update: PlacementUpdate) -> None:
-        pairs = _pairs_of(update.expert_map, update.rank)
-        held = {p: _expert_tensors(self.experts[p[0]], p[1]) for p in pairs if p in self.pairs}
-        staged, self._staged = self._staged, {}
-        missing = [p for p in pairs if p not in held and p not in staged]
-        if missing:
-            raise RuntimeError(f"rank {update.rank}: placement {update.version} needs experts {missing}, "
-                               "which were not prepared")
-        self.experts = experts_by_layer({p: held.get(p) or staged[p] for p in pairs})
-        update.expert_map.check_holds(update.rank,
-                                      {layer: ex.expert_ids for layer, ex in self.experts.items()})
-        self.pairs = pairs
+        staged, self._staged = self._staged, None
+        if staged is None or staged[0] != update.version:
+            raise RuntimeError(f"rank {update.rank}: placement {update.version} was not prepared here")
+        self.experts = staged[1]
+        self.pairs = _pairs_of(update.expert_map, update.rank)
 
     def held_experts(self) -> tuple[LayerExpert, ...]:
         """The (layer, expert) copies this worker holds now: tests check a placement with it."""
@@ -74,6 +87,14 @@ class ExpertWorker(GroupMember):
     def on_joined(self) -> None:
         self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport,
                                              self.spec.capacity_factor)
+        self.decode_graphs = None  # they hold the old group, placement and experts: capture again
+
+    def capture_decode_graphs(self, plan: DecodeGraphPlan) -> tuple[int, ...]:
+        """Capture this worker's decode graphs (workers/group/worker_graphs.py), on every worker of
+        the group at once; the batch sizes captured."""
+        self.decode_graphs = capture_expert_graphs(self.dispatcher, self.experts, self.config, self.dtype,
+                                                   plan)
+        return self.decode_graphs.buckets
 
     @torch.inference_mode()
     def execute(self, low_latency_tokens: int | None = None, placement_version: int | None = None) -> int:
@@ -84,6 +105,15 @@ class ExpertWorker(GroupMember):
         on those rows, and combines (sends them back)."""
         if placement_version is not None:
             self.follow_placement(placement_version)
+        graphs = self.decode_graphs
+        if graphs is not None:  # the step's bucket (buffers sized for it), replayed when captured
+            low_latency_tokens = graphs.begin_step(low_latency_tokens)
+            t0 = time.perf_counter()
+            rows = graphs.replay()
+            if rows is not None:
+                self.busy_seconds += time.perf_counter() - t0
+                self.num_steps += 1
+                return rows
         cfg, d = self.config, self.dispatcher
         d.begin_step(low_latency_tokens)  # the mode the attention workers' batches carry
         x_TH = torch.empty(0, cfg.hidden_size, dtype=self.dtype, device=self.device)
