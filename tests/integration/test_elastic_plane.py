@@ -165,15 +165,22 @@ def test_the_controller_rebalances_and_scales_from_what_it_reads(ray_local, mode
     events = []
     group.plane_listeners.append(events.append)
     try:
-        async def rebalance_when_due():
-            for _ in range(50):
-                await asyncio.sleep(0.3)
-                task = await plane.tick()
-                if task is not None:
-                    await task
-                    return
+        def ticks(until):
+            """Tick the plane (as the engine replica's reporter does) until `until()`, at most 50 times."""
+            async def run():
+                for _ in range(50):
+                    await asyncio.sleep(0.3)
+                    task = await plane.tick()
+                    if task is not None:
+                        await task
+                    if until():
+                        return
+            return run
 
-        assert asyncio.run(_streams(engine, rebalance_when_due, must_outlast=False)) == reference
+        def changes_made(n):
+            return lambda: len(events) >= n
+
+        assert asyncio.run(_streams(engine, ticks(changes_made(1)), must_outlast=False)) == reference
         (event,) = events
         assert (event.kind, event.outcome) == ("rebalance", "done")
         assert event.imbalance_after < event.imbalance_before
@@ -185,29 +192,12 @@ def test_the_controller_rebalances_and_scales_from_what_it_reads(ray_local, mode
             enabled=True, min_workers=1, max_workers=3, upscale_busy=1e-6, downscale_busy=1e-7,
             upscale_delay_s=0.0, downscale_delay_s=0.0, interval_s=0.01))
 
-        async def scale_up_when_due():
-            for _ in range(50):
-                await asyncio.sleep(0.3)
-                task = await plane.tick()
-                if task is not None:
-                    await task
-                    return
-
-        assert asyncio.run(_streams(engine, scale_up_when_due, must_outlast=False)) == reference
+        assert asyncio.run(_streams(engine, ticks(changes_made(2)), must_outlast=False)) == reference
         assert (events[-1].kind, events[-1].outcome) == ("scale_up", "done")
         assert group.num_expert_workers == group.target_expert_workers == 3
         assert_workers_hold_the_placement(group)
 
-        async def scale_down_while_idle():
-            for _ in range(50):
-                await asyncio.sleep(0.3)
-                task = await plane.tick()
-                if task is not None:
-                    await task
-                if group.num_expert_workers == 1:
-                    return
-
-        asyncio.run(scale_down_while_idle())
+        asyncio.run(ticks(lambda: group.num_expert_workers == 1)())  # idle: busy fraction 0
         assert [e.kind for e in events[-2:]] == ["scale_down", "scale_down"]
         assert group.num_expert_workers == 1
         assert asyncio.run(_streams(engine)) == reference  # one worker holding every expert

@@ -1,4 +1,4 @@
-"""Padding rows of a padded decode step are neither sent, computed nor counted (PaddedStepDispatcher
+"""Padding rows of a padded decode step are neither sent, computed nor counted (AllToAllDispatcher.padding
 over low-latency dispatch), on the loopback transport: one rank holding every expert."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import torch
 
 from cluster.placement import place_experts
 from workers.comm.transport import LocalTransport
-from workers.group.padded_dispatch import PaddedStepDispatcher
 from workers.moe.a2a_dispatcher import AllToAllDispatcher
 from workers.moe.block import moe_block
 from workers.moe.experts import LayerExperts
@@ -41,7 +40,7 @@ def test_padding_rows_are_not_sent_and_real_rows_are_unchanged(layer):
     experts, gate, x = layer
     real = 6
     want = moe_block(0, x[:real], gate, 2, dispatcher(AllToAllDispatcher), experts)  # exact, real rows only
-    d = dispatcher(PaddedStepDispatcher)
+    d = dispatcher(AllToAllDispatcher)
     d.begin_step(x.shape[0])
     with d.padding(torch.arange(x.shape[0]) < real):
         got = moe_block(0, x, gate, 2, d, experts)
@@ -56,7 +55,7 @@ def test_without_a_mask_it_is_the_plain_dispatcher(layer):
     plain = dispatcher(AllToAllDispatcher)
     plain.begin_step(9)
     want = moe_block(0, x, gate, 2, plain, experts)
-    d = dispatcher(PaddedStepDispatcher)
+    d = dispatcher(AllToAllDispatcher)
     d.begin_step(9)
     torch.testing.assert_close(moe_block(0, x, gate, 2, d, experts), want, rtol=0, atol=0)
     with d.padding(torch.ones(9, dtype=torch.bool)):  # every row real: the same numbers
@@ -65,7 +64,7 @@ def test_without_a_mask_it_is_the_plain_dispatcher(layer):
 
 def test_a_mask_needs_low_latency_dispatch(layer):
     experts, gate, x = layer
-    d = dispatcher(PaddedStepDispatcher)
+    d = dispatcher(AllToAllDispatcher)
     d.begin_step(None)
     with d.padding(torch.ones(9, dtype=torch.bool)), pytest.raises(RuntimeError, match="low-latency"):
         moe_block(0, x, gate, 2, d, experts)

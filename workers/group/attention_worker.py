@@ -11,7 +11,6 @@ import time
 from workers.device.memory import MemoryReport
 from workers.group.graph_plan import DecodeGraphPlan
 from workers.group.member import GroupMember
-from workers.group.padded_dispatch import PaddedStepDispatcher
 from workers.group.spec import GroupSpec
 from workers.group.step_message import StepMessage
 from workers.group.worker_graphs import capture_attention_graphs
@@ -53,8 +52,8 @@ class AttentionWorker(GroupMember):
     def on_joined(self) -> None:
         """A new dispatcher on the new process group or placement; the runner (and the KV cache it
         writes) stays."""
-        self.dispatcher = PaddedStepDispatcher(self.rank, self.spec.expert_map, self.transport,
-                                               self.spec.capacity_factor)
+        self.dispatcher = AllToAllDispatcher(self.rank, self.spec.expert_map, self.transport,
+                                             self.spec.capacity_factor)
         if self.runner is None:
             model = MixtralModel(self.config, self.weights, self.dispatcher, experts={})  # experts are remote
             self.runner = ModelRunner(model, self.kv_cache)

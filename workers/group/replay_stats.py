@@ -100,15 +100,13 @@ class ReplayStats(DispatchStats):
         counts = self.counts_LC.tolist()  # the one host read of the replays' counts
         with torch.inference_mode():  # the buffer was made in the capture's inference mode
             self.counts_LC.zero_()
-        for layer, ids in enumerate(self.local_expert_ids):
-            for e, n in zip(ids, counts[layer], strict=False):
-                if n:
-                    self._tokens[(layer, e)] = self._tokens.get((layer, e), 0) + n
+        tokens = {(layer, e): n for layer, ids in enumerate(self.local_expert_ids)
+                  for e, n in zip(ids, counts[layer], strict=False) if n}
+        self.add_counted_elsewhere(tokens, 0, Transfer(), Transfer())
         for bucket, n in self._replays.items():
             traffic = self._traffic[bucket]
-            self._num_dispatches += n * traffic.num_dispatches
-            self._dispatch = self._dispatch + _times(traffic.dispatch, n)
-            self._combine = self._combine + _times(traffic.combine, n)
+            self.add_counted_elsewhere({}, n * traffic.num_dispatches, _times(traffic.dispatch, n),
+                                       _times(traffic.combine, n))
         self._replays.clear()
         return super().snapshot_and_reset()
 

@@ -18,7 +18,7 @@ Collectives recorded in graphs must meet their peers, so (graph_plan.py):
 - per step every rank takes the step's bucket from its `low_latency_tokens` and sizes its
   low-latency buffers for it, replaying or not.
 
-Padding rows of the attention worker's bucket are not dispatched (padded_dispatch.py); the
+Padding rows of the attention worker's bucket are not dispatched (AllToAllDispatcher.padding); the
 statistics a replay cannot record from Python are recorded by the graph (replay_stats.py).
 
 `capture` is a parameter: CUDA graphs on CUDA; on the CPU the eager stand-in (static_capture.py)
@@ -36,7 +36,6 @@ import torch
 
 from workers.comm.transport import Transport
 from workers.group.graph_plan import DecodeGraphPlan, dispatch_tokens, group_step_bucket
-from workers.group.padded_dispatch import PaddedStepDispatcher
 from workers.group.replay_stats import ReplayStats
 from workers.model.attention import CUDA_TRITON, kernels_for
 from workers.model.attention_metadata import SeqExtent, StepTables
@@ -132,7 +131,7 @@ def capture_for(transport: Transport, plan: DecodeGraphPlan) -> StaticCapture:
 
 
 @torch.inference_mode()
-def capture_attention_graphs(runner: ModelRunner, dispatcher: PaddedStepDispatcher, plan: DecodeGraphPlan, *,
+def capture_attention_graphs(runner: ModelRunner, dispatcher: AllToAllDispatcher, plan: DecodeGraphPlan, *,
                              scratch_block: int, budget: CaptureBudget = DEFAULT_BUDGET) -> AttentionGraphs:
     """Capture, and give `runner` to replay, this attention worker's graphs. `scratch_block`: a KV
     block no sequence is ever given (padding rows write there)."""

@@ -31,7 +31,9 @@ H hidden, E experts per layer, W world size, C max local experts per rank.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +93,16 @@ class DispatchStats:
     def record_combine(self, transfer: Transfer, seconds: float) -> None:
         self._combine += transfer
         self._combine_seconds += seconds
+
+    def add_counted_elsewhere(self, tokens: dict[tuple[int, int], int], num_dispatches: int,
+                              dispatch: Transfer, combine: Transfer) -> None:
+        """Add what no dispatch call recorded (a CUDA graph's replays count on the device:
+        workers/group/replay_stats.py); their seconds are not known stage by stage."""
+        for key, n in tokens.items():
+            self._tokens[key] = self._tokens.get(key, 0) + n
+        self._num_dispatches += num_dispatches
+        self._dispatch += dispatch
+        self._combine += combine
 
     def snapshot_and_reset(self) -> DispatchStatsSnapshot:
         for (layer, expert_ids), counts_E in self._device_tokens.items():
@@ -160,6 +172,7 @@ class AllToAllDispatcher:
                         for layer in range(expert_map.num_layers)]
         self._low_latency = LowLatencyAllToAll(rank, expert_map, transport)
         self._low_latency_tokens: int | None = None  # per step: begin_step
+        self._sent_T: torch.Tensor | None = None  # within padding(): which tokens' rows are sent
 
     def begin_step(self, low_latency_tokens: int | None) -> None:
         """How this step's layers dispatch: exact (None), or low-latency with buffers sized for
@@ -171,13 +184,32 @@ class AllToAllDispatcher:
                 raise ValueError(f"low_latency_tokens must be >= 1, got {low_latency_tokens}")
         self._low_latency_tokens = low_latency_tokens
 
+    @contextlib.contextmanager
+    def padding(self, sent_T: torch.Tensor) -> Iterator[None]:
+        """Within: low-latency dispatches send only the rows of the tokens `sent_T` (bool [T], on
+        the device) marks. A CUDA graph replays a bucket of B rows for S ≤ B sequences; the padding
+        rows must not reach the experts (computed for nothing, and counted as load the expert
+        plane would rebalance on). The mask is computed by the graph from its static inputs, so
+        each replay reads its own step's."""
+        self._sent_T = sent_T
+        try:
+            yield
+        finally:
+            self._sent_T = None
+
     def dispatch(self, layer: int, x_TH: torch.Tensor,
                  routing: Routing) -> tuple[torch.Tensor, DispatchPlan | LowLatencyPlan]:
+        sent_T = self._sent_T
+        if sent_T is not None and self._low_latency_tokens is None:
+            raise RuntimeError("padding rows can be left unsent by low-latency dispatch only")
+        if sent_T is not None and sent_T.shape != (x_TH.shape[0],):
+            raise ValueError(f"a mask of {tuple(sent_T.shape)} for {x_TH.shape[0]} tokens")
         if self._low_latency_tokens is not None:
             start = time.perf_counter()
             dest_A, token_A, weight_A, _ = self._assign(layer, routing)
-            x_MH, plan, moved = self._low_latency.dispatch(layer, x_TH, dest_A, token_A, weight_A,
-                                                           self._low_latency_tokens, routing.top_k)
+            x_MH, plan, moved = self._low_latency.dispatch(
+                layer, x_TH, dest_A, token_A, weight_A, self._low_latency_tokens, routing.top_k,
+                sent_A=None if sent_T is None else sent_T[token_A])
             self.stats.record_dispatch_on_device(layer, self.expert_map.local_experts(layer, self.rank),
                                                  plan.expert_counts_E, moved, time.perf_counter() - start)
             return x_MH, plan
