@@ -39,10 +39,11 @@ class RebalanceConfig:
 class ExpertAutoscalingConfig:
     """Scales the expert-worker pool of one model group, independently of Serve's replica autoscaling.
 
-    Busy fraction: the share of wall time the expert workers spent running experts, averaged over
-    the pool. Above `upscale_busy` for `upscale_delay_s` → one worker more (up to max_workers);
-    below `downscale_busy` for `downscale_delay_s` → one fewer (down to min_workers). None for
-    min/max: the group's starting number of expert workers.
+    Busy fraction: the share of wall time the busiest expert worker spent running experts (the
+    pool's mean times its imbalance: the worker every step waits for). Above `upscale_busy` for
+    `upscale_delay_s` → one worker more (up to max_workers); below `downscale_busy` for
+    `downscale_delay_s` → one fewer (down to min_workers). None for min/max: the group's
+    starting number of expert workers.
     """
 
     enabled: bool = False

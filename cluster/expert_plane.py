@@ -119,7 +119,7 @@ class ExpertPlane:
         group = self.group
         if auto.enabled and now - self._last_decision["autoscaling"] >= auto.interval_s:
             self._last_decision["autoscaling"] = now
-            decision = decide_scale(auto, self.scaling, now, self.busy_window.busy_fraction(),
+            decision = decide_scale(auto, self.scaling, now, self.busy_window.busiest_fraction(),
                                     group.num_expert_workers, self.initial_workers)
             self.scaling = decision.state
             if decision.target != group.num_expert_workers:

@@ -77,6 +77,18 @@ class LoadWindow:
         busy = {w: sum(obs.busy_seconds.get(w, 0.0) for obs in self._observations) for w in workers}
         return sum(min(1.0, b / wall) for b in busy.values()) / len(workers)
 
+    def busiest_fraction(self) -> float | None:
+        """The busiest worker's busy / wall time over the window (capped at 1); None without data.
+
+        It is the mean's busy fraction times the workers' imbalance: the one worker every step
+        waits for."""
+        wall = self.span_s()
+        workers = {w for obs in self._observations for w in obs.busy_seconds}
+        if wall <= 0 or not workers:
+            return None
+        return max(min(1.0, sum(obs.busy_seconds.get(w, 0.0) for obs in self._observations) / wall)
+                   for w in workers)
+
     def span_s(self) -> float:
         """Wall seconds the window's observations cover (reaches window_s once the window has filled)."""
         return sum(obs.wall_seconds for obs in self._observations)

@@ -104,3 +104,13 @@ def test_window_matches_a_recount_of_the_recent_observations(window_s, observati
             assert fraction is not None and 0.0 <= fraction <= 1.0
         else:
             assert fraction is None
+
+
+def test_the_busiest_worker_is_the_mean_times_the_imbalance():
+    w = LoadWindow(10.0)
+    w.add(1.0, {}, {0: 0.9, 1: 0.1, 2: 0.2}, 1.0)
+    assert w.busiest_fraction() == pytest.approx(0.9)
+    assert w.busy_fraction() == pytest.approx(0.4)
+    w.add(2.0, {}, {0: 0.1}, 1.0)  # workers 1 and 2 idle in this one
+    assert w.busiest_fraction() == pytest.approx(0.5)
+    assert LoadWindow(1.0).busiest_fraction() is None
