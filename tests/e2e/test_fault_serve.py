@@ -111,9 +111,10 @@ def scrape(url: str, model: str) -> dict[str, float]:
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
         for s in fam.samples:
-            if s.labels.get("model") == model and any(w in s.name for w in ("fault", "recover", "restart")):
+            if s.labels.get("model") == model and any(w in s.name for w in ("fault", "recover", "restart",
+                                                                            "repair", "expert_plane")):
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k in
-                                  ("rank", "kind", "cause", "outcome"))
+                                  ("rank", "kind", "cause", "outcome", "repair"))
                 out[f"{s.name}{{{labels}}}"] = out.get(f"{s.name}{{{labels}}}", 0) + s.value
     return out
 
@@ -148,19 +149,24 @@ def test_sigkill_expert_while_50_streams_run_recovers_with_identical_text(serve_
                                           temperature=0.0, extra_body={"ignore_eos": True})
         assert again.choices[0].text == want[3][0]
 
-        # Metrics name the failed worker's kind and cause, count the recovery and the restarts.
+        # Metrics name the failed worker's kind and cause, count the recovery, the repair and the
+        # new worker the pool grew back with.
         url = f"http://127.0.0.1:{ports['metrics']}/metrics"
         deadline = time.monotonic() + 60
         while True:
             m = scrape(url, server.model_name)
-            if m.get("ray_moe_serve_recoveries_total{outcome=recovered}") or time.monotonic() > deadline:
+            if m.get("ray_moe_serve_expert_plane_events_total{kind=scale_up,outcome=done}") or \
+                    time.monotonic() > deadline:
                 break
             time.sleep(1.0)
         assert m.get("ray_moe_serve_recoveries_total{outcome=recovered}") == 1
         faults = {k: v for k, v in m.items() if k.startswith("ray_moe_serve_worker_faults_total")}
         assert len(faults) == 1 and "cause=died" in next(iter(faults)) and "kind=expert" in next(iter(faults))
-        # Only the dead expert worker was replaced (issue 16: repair one worker, not the group).
-        assert m.get("ray_moe_serve_worker_restarts_total{kind=expert}") == 1
+        # Only the dead expert worker was replaced (issue 16: repair one worker, not the group): the
+        # survivor took its experts at once, and a new worker joined in the background.
+        assert m.get("ray_moe_serve_repairs_total{repair=expert_worker}") == 1
+        assert m.get("ray_moe_serve_expert_plane_events_total{kind=repair,outcome=done}") == 1
+        assert m.get("ray_moe_serve_expert_plane_events_total{kind=scale_up,outcome=done}") == 1
         assert not m.get("ray_moe_serve_worker_restarts_total{kind=attention}")
         assert m.get("ray_moe_serve_recovery_seconds_count{}") == 1
     finally:
