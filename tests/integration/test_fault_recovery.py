@@ -285,8 +285,10 @@ def test_node_loss_recovers_onto_a_spare_node_then_fails_explicitly_without_one(
         assert got["tokens"] == reference
         assert got["events"][0].fault.rank == 1 and got["events"][-1].outcome == "recovered"
         assert got["events"][0].repair == "expert_worker" and got["events"][0].num_requeued == 0
-        # The survivor moved up to rank 1; the new worker (rank 2) runs on the spare node.
-        assert after == {0: "attention", 1: before[2], 2: "expert_spare"}
+        # The survivor moved up to rank 1; the new worker (rank 2) runs on the node that was spare (Ray
+        # may have put the first two on any two of the three expert nodes).
+        assert (after[0], after[1]) == ("attention", before[2])
+        assert after[2] not in (before[1], before[2]) and after[2].startswith("expert_")
 
         for r in failed["results"]:
             assert r["finish_reason"] == "error" and "engine unavailable" in r["error"]
