@@ -1,9 +1,11 @@
-"""`moe-serve serve --router-skew 2 --rebalance`: the operator's way to the elastic expert plane.
+"""`moe-serve serve --router-skew 2 --rebalance --expert-autoscaling`: the operator's way to the
+elastic expert plane.
 
 The skewed demo checkpoint sends most tokens to a few experts; with live rebalancing on, the
-replica's expert plane reads the load, moves experts (with replicas of the hottest) while the
-`openai` client's requests stream, and says so in its metrics. Greedy answers are the same
-before, during and after the move.
+replica's expert plane reads the load and moves experts (with replicas of the hottest), and with
+expert autoscaling on (any busy time is enough here) it adds a third expert worker, in a
+placement group of its own, all while the `openai` client's requests stream; the metrics say
+so. Greedy answers are the same before, during and after.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ def skewed_server(tmp_path_factory):
          "--num-kv-blocks", "256", "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port",
          str(metrics_port), "--graceful-shutdown-timeout-s", "5",
          "--rebalance", "--rebalance-threshold", "1.05", "--rebalance-interval", "1",
-         "--rebalance-window", "20", "--expert-replicas-per-layer", "1"],
+         "--rebalance-window", "20", "--expert-replicas-per-layer", "1",
+         "--expert-autoscaling", "--max-expert-workers", "3", "--expert-upscale-busy", "0.001",
+         "--expert-upscale-delay", "0", "--expert-downscale-busy", "0.0005",
+         "--expert-downscale-delay", "3600"],
         tmp_path_factory.mktemp("serve-log") / "serve.log", env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -60,7 +65,8 @@ def plane_samples(url: str) -> dict[str, float]:
     """`name{labels}` → value for the expert plane's families (any model)."""
     out = {}
     for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
-        if any(part in fam.name for part in ("expert_plane", "placement_version", "expert_worker_tokens")):
+        if any(part in fam.name for part in ("expert_plane", "placement_version", "expert_worker_tokens",
+                                             "num_expert_workers")):
             for s in fam.samples:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())
                                   if k in ("kind", "outcome", "rank"))
@@ -68,7 +74,11 @@ def plane_samples(url: str) -> dict[str, float]:
     return out
 
 
-def test_skewed_load_is_rebalanced_while_serving_and_answers_stay_the_same(skewed_server):
+def done(samples: dict[str, float], kind: str) -> float:
+    return samples.get(f"ray_moe_serve_expert_plane_events_total{{kind={kind},outcome=done}}", 0)
+
+
+def test_skewed_load_is_rebalanced_and_scaled_while_serving_and_answers_stay_the_same(skewed_server):
     server, url, metrics_url = skewed_server
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     before = answers(client)
@@ -77,11 +87,12 @@ def test_skewed_load_is_rebalanced_while_serving_and_answers_stay_the_same(skewe
     while time.monotonic() < deadline:  # keep the load coming until the plane has moved experts
         assert answers(client) == before
         moved = plane_samples(metrics_url)
-        if moved.get("ray_moe_serve_expert_plane_events_total{kind=rebalance,outcome=done}", 0) >= 1:
+        if done(moved, "rebalance") >= 1 and done(moved, "scale_up") >= 1:
             break
-    assert moved.get("ray_moe_serve_expert_plane_events_total{kind=rebalance,outcome=done}", 0) >= 1, \
-        f"no rebalance within {MOVE_TIMEOUT_S:g}s: {moved}\n{server.tail()}"
-    assert moved.get("ray_moe_serve_expert_placement_version{}", 0) >= 1
+    assert done(moved, "rebalance") >= 1 and done(moved, "scale_up") == 1, \
+        f"no rebalance and scale-up within {MOVE_TIMEOUT_S:g}s: {moved}\n{server.tail()}"
+    assert moved.get("ray_moe_serve_num_expert_workers{}") == 3  # max_workers reached, not passed
+    assert moved.get("ray_moe_serve_expert_placement_version{}", 0) >= 2
     assert sum(v for k, v in moved.items() if k.startswith("ray_moe_serve_expert_worker_tokens_total")) > 0
     assert answers(client) == before  # on the new placement, with replicas
     assert "expert plane rebalance on" in server.log.read_text()  # the banner named the plane's settings
