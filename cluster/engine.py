@@ -27,6 +27,7 @@ from cluster.dispatch_mode import with_dispatch_mode
 from cluster.engine_config import EngineConfig
 from cluster.engine_stats import EngineStats, StepCounters, collect_stats
 from cluster.executor import Executor
+from cluster.listeners import notify
 from cluster.recovery import Recovery
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.request_handle import RequestHandle
@@ -197,10 +198,8 @@ class Engine:
                 req = self._requests.get(seq.seq_id)
                 if req is not None:
                     self._on_token(scheduler, req, logprobs.get(seq.seq_id))
-        if self.step_listeners:
-            stats = self.stats()
-            for listener in self.step_listeners:
-                listener(stats)
+        if self.step_listeners:  # a listener that raises is logged: it must not fail every request
+            notify(self.step_listeners, self.stats(), "engine step")
 
     def _on_token(self, scheduler: Scheduler, req: _Request, logprob: float | None) -> None:
         seq = req.seq

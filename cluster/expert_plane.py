@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from cluster.elastic_config import ElasticConfig
 from cluster.expert_scaling_policy import ScalingState, decide_scale
+from cluster.listeners import notify
 from cluster.load_window import LoadWindow
 from cluster.plane_actions import rebalance_to, scale_to
 from cluster.plane_event import PlaneEvent
@@ -88,11 +89,7 @@ class ExpertPlane:
         now = self.clock()
         wall = 0.0 if self._last_poll is None else now - self._last_poll
         self._last_poll = now
-        for listener in self.stats_listeners:
-            try:
-                listener(stats)
-            except Exception:  # metrics must never stop the plane
-                log.exception("stats listener failed")
+        notify(self.stats_listeners, stats, "worker-stats")
         if self._current_shape() != self._shape:  # load per worker index meant something else
             self._shape = self._current_shape()
             self.window.clear()

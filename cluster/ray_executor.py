@@ -44,6 +44,7 @@ from cluster.decode_graphs import GroupGraphs
 from cluster.fault_config import DEFAULT_STEP_TIMEOUT_S
 from cluster.fault_diagnosis import Roster, diagnose, one_line
 from cluster.group_restart import restart_group
+from cluster.listeners import notify
 from cluster.placement import Placement
 from cluster.plane_actions import grow_back
 from cluster.plane_event import PlaneEvent
@@ -206,11 +207,7 @@ class RayExecutor:
             self.free_slots.append(slot)
 
     def emit(self, event: PlaneEvent) -> None:
-        for listener in self.plane_listeners:
-            try:
-                listener(event)
-            except Exception:  # metrics must never take the group down
-                log.exception("expert-plane listener failed")
+        notify(self.plane_listeners, event, "expert-plane")
 
     def kind_of(self, rank: int) -> str:
         return self.topology.rank_kind(rank)

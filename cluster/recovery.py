@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 
 from cluster.executor import Executor
+from cluster.listeners import notify
 from cluster.recovery_event import RecoveryEvent
 from cluster.recovery_policy import RecoveryPolicy
 from cluster.worker_fault import WorkerFault
@@ -92,9 +93,5 @@ class Recovery:
         fail_all(self.unhealthy_reason)
 
     def _emit(self, event: RecoveryEvent) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # metrics must never take the engine down
-                log.exception("recovery listener failed")
+        notify(self.listeners, event, "recovery")
 
