@@ -18,7 +18,7 @@ from cluster.fault_diagnosis import one_line
 from cluster.group_reshape import GroupChanged, finish_resize, finish_switch, prepare_resize, prepare_switch
 from cluster.placement import LayerExpert, Placement
 from cluster.plane_event import PlaneEvent
-from cluster.rebalance_policy import place_for_workers
+from cluster.rebalance_policy import cheapest_to_drop, place_for_workers
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ async def scale_to(group, num_workers: int, *, load: Mapping[LayerExpert, float]
     """Grow or shrink the expert pool to `num_workers`; None when it has that size already.
 
     New workers start (in free or new bundles) and everyone loads the new placement while steps
-    go on; the process group re-forms between two steps. A scale-down removes the last workers.
+    go on; the process group re-forms between two steps. A scale-down removes the workers whose
+    experts the others can take over with the fewest loads.
     """
     current = group.num_expert_workers
     if num_workers == current:
@@ -77,8 +78,10 @@ async def scale_to(group, num_workers: int, *, load: Mapping[LayerExpert, float]
         return _emit(group, event("abandoned", "another change of the expert plane is under way"))
     group.reshaping = True
     try:
-        placement = place_for_workers(group.placement, num_workers, load)
-        dropped = tuple(range(num_workers, current))
+        if num_workers > current:
+            placement, dropped = place_for_workers(group.placement, num_workers, load), ()
+        else:  # the workers whose going leaves the survivors the fewest copies to load
+            placement, dropped = cheapest_to_drop(group.placement, num_workers, load)
         try:
             resize = await asyncio.wait_for(prepare_resize(group, placement, dropped), timeout_s)
         except GroupChanged as exc:

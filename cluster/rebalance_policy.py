@@ -15,15 +15,17 @@ alignment which process that worker is, so only the copies that must move are lo
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from cluster.elastic_config import RebalanceConfig
 from cluster.placement import LayerExpert, Placement, place_experts, replicate_hot_experts
-from cluster.placement_alignment import align_to
+from cluster.placement_alignment import align_to, copies_kept
 
 ExpertCopy = tuple[int, int, int]  # (layer, expert, worker)
+MAX_DROP_CANDIDATES = 256  # sets of workers a scale-down weighs (C(16, 2) = 120)
 
 
 @dataclass(frozen=True)
@@ -66,22 +68,51 @@ def propose_rebalance(current: Placement, load: Mapping[LayerExpert, float],
 
 
 def place_for_workers(current: Placement, num_workers: int, load: Mapping[LayerExpert, float] | None,
-                      extra_copies_per_layer: int = 0) -> Placement:
+                      extra_copies_per_layer: int = 0, kept: Sequence[int] | None = None) -> Placement:
     """The placement of `current`'s layers and experts on a pool grown or shrunk to `num_workers`.
 
     With load (some tokens in it): balanced by it, one copy per expert plus
     `extra_copies_per_layer` replicas of the hottest (clamped to what fits). Without: the
-    contiguous default, one copy each. Aligned to `current` for a resize that keeps workers
-    0..min(W, W')-1 in order (a scale-down drops the last ones, a scale-up appends).
+    contiguous default, one copy each. Aligned to `current` for a resize that keeps the workers
+    `kept` in that order (default 0..min(W, W')-1: a scale-down drops the last ones, a scale-up
+    appends).
     """
+    return align_to(current, _packed(current, num_workers, load, extra_copies_per_layer), kept)
+
+
+def _packed(current: Placement, num_workers: int, load: Mapping[LayerExpert, float] | None,
+            extra_copies_per_layer: int = 0) -> Placement:
+    """Which experts share a worker on `num_workers` workers (labels not yet aligned)."""
     if extra_copies_per_layer < 0:
         raise ValueError(f"extra_copies_per_layer must be >= 0, got {extra_copies_per_layer}")
     full = None if load is None else _full_load(current, load)
     if full is None or sum(full.values()) == 0:
-        new = place_experts(current.num_layers, current.num_experts, num_workers)
-    else:
-        new = _balanced(current.num_layers, current.num_experts, num_workers, full, extra_copies_per_layer)
-    return align_to(current, new)
+        return place_experts(current.num_layers, current.num_experts, num_workers)
+    return _balanced(current.num_layers, current.num_experts, num_workers, full, extra_copies_per_layer)
+
+
+def cheapest_to_drop(current: Placement, num_workers: int, load: Mapping[LayerExpert, float] | None,
+                     max_candidates: int = MAX_DROP_CANDIDATES) -> tuple[Placement, tuple[int, ...]]:
+    """For a pool shrunk to `num_workers`: the placement and the workers that leave, chosen so that
+    the survivors load the fewest copies (every choice gives the same balance: the packing does
+    not depend on which workers stay). Ties, and pools with more than `max_candidates` choices,
+    drop the last workers."""
+    if not 1 <= num_workers <= current.num_expert_workers:
+        raise ValueError(f"a pool of {current.num_expert_workers} cannot shrink to {num_workers}")
+    everyone = range(current.num_expert_workers)
+    choices = list(itertools.combinations(everyone, current.num_expert_workers - num_workers))
+    if len(choices) > max_candidates:
+        choices = [tuple(everyone[num_workers:])]
+    packed = _packed(current, num_workers, load)
+    best: tuple[int, Placement, tuple[int, ...]] | None = None
+    for dropped in reversed(choices):  # the last workers first: they win ties
+        kept = [w for w in everyone if w not in dropped]
+        aligned = align_to(current, packed, kept)
+        score = copies_kept(current, aligned, kept)
+        if best is None or score > best[0]:
+            best = (score, aligned, dropped)
+    assert best is not None
+    return best[1], best[2]
 
 
 def moved_copies(old: Placement, new: Placement) -> tuple[ExpertCopy, ...]:

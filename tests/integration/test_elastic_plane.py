@@ -121,10 +121,10 @@ def test_rebalance_scale_up_and_scale_down_under_load_keep_greedy_ids(ray_local,
         assert group.placement == moved and group.placement_version == 1
         assert_workers_hold_the_placement(group)
 
-        def resize_to(num_workers: int):
+        def resize_to(num_workers: int, dropped: tuple[int, ...] = ()):
             async def prepare():
-                dropped = tuple(range(num_workers, group.num_expert_workers))
-                placement = place_for_workers(group.placement, num_workers, None)
+                kept = [w for w in range(group.num_expert_workers) if w not in dropped]
+                placement = place_for_workers(group.placement, num_workers, None, kept=kept[:num_workers])
                 return await prepare_resize(group, placement, dropped)
 
             async def resize(prepared):
@@ -135,15 +135,19 @@ def test_rebalance_scale_up_and_scale_down_under_load_keep_greedy_ids(ray_local,
         assert asyncio.run(_streams(engine, *resize_to(3))) == reference
         assert group.num_expert_workers == 3 and group.placement_version == 2
         assert_workers_hold_the_placement(group)
-        kept = [actor_id(w) for w in group.workers[:3]]
+        kept = [actor_id(w) for w in group.workers[:2]]
         (added,) = [slot for slot in group.slots if slot.owned]  # the new worker's own bundle
+        emptied = group.slots[2]  # expert worker 1's: a bundle of the group's reservation
 
-        assert asyncio.run(_streams(engine, *resize_to(2))) == reference
-        assert group.num_expert_workers == 2 and group.placement_version == 3
-        assert [actor_id(w) for w in group.workers] == kept  # the attention worker and two experts stay
+        # Down to one: expert worker 1 (the reservation's) and 2 (the added one) leave.
+        assert asyncio.run(_streams(engine, *resize_to(1, dropped=(1, 2)))) == reference
+        assert group.num_expert_workers == 1 and group.placement_version == 3
+        assert [actor_id(w) for w in group.workers] == kept  # the attention worker and expert worker 0 stay
         assert placement_group_table(added.placement_group)["state"] == "REMOVED"  # its bundle went back
+        assert group.free_slots == [emptied]  # kept for the next scale-up
         assert_workers_hold_the_placement(group)
         assert len(pauses) == 2 and all(p > 0 for p in pauses)  # re-forming the group is the pause
+        assert len(ray.get(group.experts[0].held_experts.remote())) == 2 * 8  # every expert of both layers
         print(f"\nsteps paused {pauses[0] * 1e3:.0f} ms for the scale-up, {pauses[1] * 1e3:.0f} ms for the "
               "scale-down")
     finally:

@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 
 from cluster.elastic_config import RebalanceConfig
 from cluster.placement import Placement, place_experts, replicate_hot_experts
-from cluster.placement_alignment import align_to
+from cluster.placement_alignment import align_to, copies_kept
 from cluster.rebalance_policy import (
     Proposal,
+    cheapest_to_drop,
     freed_copies,
     imbalance,
     moved_copies,
@@ -199,3 +200,30 @@ def test_resized_placements_are_valid_and_the_moves_add_up(sizes, new_workers, e
     assert (copies(current) - set(freed)) | set(moved) == copies(new)
     assert not set(moved) & copies(current) and not set(freed) & copies(new)
     assert list(moved) == sorted(moved) and list(freed) == sorted(freed)
+
+
+def test_a_scale_down_drops_the_worker_whose_experts_are_cheapest_to_take_over():
+    # Worker 0 holds one replica copy only; dropping it moves nothing, dropping the last worker would.
+    current = Placement(num_experts=4, num_expert_workers=3, workers_by_layer=(
+        ((0, 1), (1,), (2,), (2,)),))
+    placement, dropped = cheapest_to_drop(current, 2, None)
+    kept = [w for w in range(3) if w not in dropped]
+    default = place_for_workers(current, 2, None)  # the last worker dropped
+    assert copies_kept(current, placement, kept) >= copies_kept(current, default)
+    assert dropped == (0,) and copies_kept(current, placement, kept) == 4  # nothing to load
+    for e in range(4):
+        assert placement.workers_of(0, e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(workers=st.integers(2, 5), experts=st.integers(2, 8), layers=st.integers(1, 3), data=st.data())
+def test_cheapest_to_drop_never_loads_more_than_dropping_the_last(workers, experts, layers, data):
+    load = {(layer, e): float(data.draw(st.integers(0, 50)))
+            for layer in range(layers) for e in range(experts)}
+    current = place_for_workers(place_experts(layers, experts, workers), workers, load)
+    n = data.draw(st.integers(1, workers - 1))
+    placement, dropped = cheapest_to_drop(current, n, load)
+    kept = [w for w in range(workers) if w not in dropped]
+    assert len(dropped) == workers - n and placement.num_expert_workers == n
+    assert imbalance(placement, load) == pytest.approx(imbalance(place_for_workers(current, n, load), load))
+    assert copies_kept(current, placement, kept) >= copies_kept(current, place_for_workers(current, n, load))
