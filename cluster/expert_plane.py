@@ -26,6 +26,7 @@ from cluster.listeners import notify
 from cluster.load_window import LoadWindow
 from cluster.plane_actions import rebalance_to, scale_to
 from cluster.plane_event import PlaneEvent
+from cluster.ray_await import awaited
 from cluster.rebalance_policy import imbalance, propose_rebalance
 from workers.group.worker_stats import WorkerStats
 
@@ -82,7 +83,7 @@ class ExpertPlane:
         worker did not answer (a fault: the recovery reports it)."""
         group = self.group
         try:
-            stats = list(await asyncio.gather(*[_awaited(w.dispatch_stats.remote()) for w in group.workers]))
+            stats = list(await asyncio.gather(*[awaited(w.dispatch_stats.remote()) for w in group.workers]))
         except Exception as exc:
             log.debug("could not read worker stats: %s", type(exc).__name__)
             return None
@@ -155,6 +156,3 @@ class ExpertPlane:
         if self.action is not None and not self.action.done():
             self.action.cancel()
 
-
-async def _awaited(ref):
-    return await ref

@@ -286,8 +286,7 @@ class RayExecutor:
 
     async def restart_all(self, timeout_s: float) -> None:
         """Every worker new, in its bundle, on the current placement (the step lock held)."""
-        where = await restart_group(self, timeout_s)
-        self._nodes = {info["rank"]: info.get("node_id") for info in where}
+        await restart_group(self, timeout_s)  # ends in form_group, which records the nodes
 
     async def start_and_join(self) -> list[dict]:
         """Start every worker into its bundle, rendezvous, join, start the step loops; their

@@ -72,12 +72,11 @@ async def repair_one(group, fault: WorkerFault, timeout_s: float) -> Repair | No
             log.warning("the survivors could not take expert worker rank %d's experts (%s); starting a new "
                         "worker in its bundle", rank, one_line(exc))
     try:
-        where = await repair_worker(group, rank, max(timeout_s - (time.perf_counter() - t0), 0.001))
+        await repair_worker(group, rank, max(timeout_s - (time.perf_counter() - t0), 0.001))
     except Exception as exc:  # anything: the group restart starts from scratch
         log.warning("repairing %s worker rank %d alone failed after %.2fs (%s); restarting the whole group",
                     kind, rank, time.perf_counter() - t0, one_line(exc))
         return None
-    group._nodes = {info["rank"]: info.get("node_id") for info in where}
     lost = (rank,) if kind == "attention" else ()
     return Repair(f"{kind}_worker", (kind,), lost)
 

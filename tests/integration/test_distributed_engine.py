@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import ray
 import torch
 
 from cluster.distributed_engine import build_distributed_engine
@@ -18,14 +17,6 @@ from tests.model_helpers import save_hf_mixtral
 from workers.model.sampling_params import SamplingParams
 
 VOCAB = 101
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ DEADLINE_S = 240.0
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("elastic_model")
     save_hf_mixtral(out, num_hidden_layers=2, num_local_experts=8, max_position_embeddings=512)
